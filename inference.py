@@ -1,0 +1,86 @@
+"""Generate text with a Llama 3.x model: the embedded SmolLM2 default, your own checkpoint, or a random shape.
+
+    python inference.py                                   # sample chat prompts on the default model
+    python inference.py --prompt "The capital of France is" --chat False --max_gen_len 20
+    python inference.py --ckpt_dir ~/.llama/checkpoints/Llama3.2-1B --use_kv_cache False
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional, Sequence
+
+from llama.errors import UserError
+from llama.generation import Llama
+from project.cli import run
+
+SAMPLE_PROMPTS = [
+    "What is the capital of France?",
+    "Give three tips for staying healthy.",
+    "Write a Python function that returns the square of a number.",
+]
+
+
+def main(
+    prompt: Optional[str] = None,
+    prompts: Optional[Sequence[str]] = None,
+    ckpt_dir: Optional[str] = None,
+    shape: Optional[str] = None,
+    chat: bool = True,
+    use_kv_cache: bool = True,
+    max_gen_len: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+):
+    """Print each prompt, its completion (streamed when prompts run one at a time) and tokens/s.
+
+    --chat wraps each prompt in the model's chat format; --batch runs all prompts in one batch.
+    """
+    if prompt is not None and prompts is not None:
+        raise UserError("give --prompt or --prompts, not both")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    texts = [prompt] if prompt is not None else list(prompts or SAMPLE_PROMPTS)
+    if max_gen_len < 1:
+        raise UserError("--max_gen_len must be at least 1")
+    llama = Llama.build(ckpt_dir=ckpt_dir, shape=shape, device=device, dtype=dtype, seed=seed)
+    tok = llama.tokenizer
+    encode = (lambda t: tok.encode_dialog([{"role": "user", "content": t}])) if chat else (lambda t: tok.encode(t, bos=True))
+    settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, use_kv_cache=use_kv_cache, seed=seed)
+    print(f"# KV cache {'on' if use_kv_cache else 'off'}, {'chat' if chat else 'plain'} prompts, "
+          f"temperature {temperature}, top_p {top_p}, top_k {top_k}\n")
+    groups = [texts] if batch else [[t] for t in texts]
+    for group in groups:
+        ids = [encode(t) for t in group]
+        streamed = []
+        if len(group) == 1:
+            print(f">>> {group[0]}\n", flush=True)
+            streamed.append(0)
+
+            def on_token(step, nxt, printed=[0], row=[]):
+                row.append(int(nxt[0]))
+                text = tok.decode([t for t in row if t not in tok.stop_ids])
+                sys.stdout.write(text[printed[0]:])
+                sys.stdout.flush()
+                printed[0] = len(text)
+        else:
+            on_token = None
+        start = time.perf_counter()
+        out = llama.generate(ids, max_gen_len, on_token=on_token, **settings)
+        elapsed = time.perf_counter() - start
+        n_new = sum(len(t) for t in out.tokens)
+        for text, gen in zip(group, out.tokens):
+            if not streamed:
+                print(f">>> {text}\n\n{tok.decode(gen)}")
+            print()
+        print(f"[{n_new} tokens in {elapsed:.2f}s: {n_new / elapsed:.1f} tokens/s; prefill {out.prefill_s:.2f}s, "
+              f"decode {out.decode_s:.2f}s]\n", flush=True)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,160 @@
+"""Batched generation: prefill + decode, with or without the KV cache.
+
+Prompts of different lengths are left-padded to a common length; `Transformer.forward`'s `pad_lens`
+shifts each row's positions and hides its padding, so every row computes what it would alone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .checkpoint import load_checkpoint, random_model
+from .errors import UserError
+from .model import Transformer
+from .runtime import describe, log, resolve_device, resolve_dtype, synchronize
+from .tokenizer import Message
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # per row: the generated ids, cut before the first stop token
+    prefill_s: float = 0.0  # prompt forward pass + first token
+    decode_s: float = 0.0  # every later token
+    steps: int = 0  # tokens generated per row (including any after a row stopped)
+    kv_cache_bytes: int = 0
+    stopped: list[bool] = field(default_factory=list)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
+    """logits (B, V) fp32 -> next ids (B,). Temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Llama:
+    def __init__(self, model: Transformer, tokenizer, device: torch.device):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+
+    @staticmethod
+    def build(
+        ckpt_dir: Optional[str] = None, shape: Optional[str] = None, device: str = "auto", dtype: str = "auto", seed: int = 0
+    ) -> "Llama":
+        """Load a checkpoint (default: the embedded SmolLM2) or a random-weight `shape`, and say what was loaded."""
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        start = time.perf_counter()
+        if shape:
+            model, tokenizer = random_model(shape, dt, dev, seed)
+            what = f"{shape} (random weights, seed {seed})"
+        else:
+            model, tokenizer = load_checkpoint(ckpt_dir, dt, dev)
+            what = str(ckpt_dir or "default model (SmolLM2-135M-Instruct, GGUF Q4_1)")
+        n = sum(p.numel() for p in model.parameters())
+        log(f"loaded {what}: {n / 1e6:.1f}M parameters in {time.perf_counter() - start:.1f}s; {describe(dev, dt)}")
+        return Llama(model, tokenizer, dev)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        use_kv_cache: bool = True,
+        stop_at_eos: bool = True,
+        seed: Optional[int] = None,
+        on_token: Optional[Callable[[int, torch.Tensor], None]] = None,
+    ) -> GenerationOutput:
+        """Generate up to max_gen_len tokens for each prompt; on_token(step, ids (B,)) sees each new column."""
+        model, tok = self.model, self.tokenizer
+        if not prompt_tokens or any(len(p) == 0 for p in prompt_tokens):
+            raise UserError("every prompt needs at least one token")
+        B, lens = len(prompt_tokens), [len(p) for p in prompt_tokens]
+        prompt_len, total = max(lens), max(lens) + max_gen_len
+        if total > model.args.max_seq_len:
+            raise UserError(
+                f"prompt of {prompt_len} tokens + {max_gen_len} new tokens exceeds the model's context of "
+                f"{model.args.max_seq_len}: shorten the prompt or lower --max_gen_len"
+            )
+        tokens = torch.full((B, total), tok.pad_id, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompt_tokens):
+            tokens[i, prompt_len - len(p) : prompt_len] = torch.tensor(p, dtype=torch.long)
+        pads = [prompt_len - n for n in lens]
+        pad_lens = torch.tensor(pads, device=self.device) if any(pads) else None
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
+        stop_ids = torch.tensor(sorted(tok.stop_ids), device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        out = GenerationOutput(tokens=[])
+
+        if use_kv_cache:
+            model.setup_cache(B, total)
+            out.kv_cache_bytes = model.cache_nbytes()
+        try:
+            synchronize(self.device)
+            start = time.perf_counter()
+            cur = prompt_len
+            logits = model(tokens[:, :cur], 0, pad_lens, last_only=True)
+            for step in range(max_gen_len):
+                nxt = sample(logits[:, -1].float(), temperature, top_p, top_k, generator)
+                tokens[:, cur] = nxt
+                cur += 1
+                out.steps += 1
+                if on_token is not None:
+                    on_token(step, nxt)
+                if step == 0:
+                    synchronize(self.device)
+                    out.prefill_s = time.perf_counter() - start
+                if stop_at_eos:
+                    done |= torch.isin(nxt, stop_ids)
+                    if bool(done.all()):
+                        break
+                if step + 1 == max_gen_len:
+                    break
+                if use_kv_cache:
+                    logits = model(tokens[:, cur - 1 : cur], cur - 1, pad_lens, last_only=True)
+                else:
+                    logits = model(tokens[:, :cur], 0, pad_lens, last_only=True)
+            synchronize(self.device)
+            out.decode_s = time.perf_counter() - start - out.prefill_s
+        finally:
+            model.clear_cache()
+
+        for row in tokens[:, prompt_len:cur].tolist():
+            stop_at = next((j for j, t in enumerate(row) if t in tok.stop_ids), None) if stop_at_eos else None
+            out.tokens.append(row if stop_at is None else row[:stop_at])
+            out.stopped.append(stop_at is not None)
+        return out
+
+    def text_completion(self, prompts: Sequence[str], max_gen_len: int = 64, **kw) -> list[dict]:
+        """Complete raw text prompts (BOS added where the model uses one)."""
+        ids = [self.tokenizer.encode(p, bos=True) for p in prompts]
+        out = self.generate(ids, max_gen_len, **kw)
+        return [{"generation": self.tokenizer.decode(t), "tokens": t} for t in out.tokens]
+
+    def chat_completion(self, dialogs: Sequence[Sequence[Message]], max_gen_len: int = 64, **kw) -> list[dict]:
+        """Answer each dialog (a list of {"role", "content"} messages) in the model's chat format."""
+        ids = [self.tokenizer.encode_dialog(d) for d in dialogs]
+        out = self.generate(ids, max_gen_len, **kw)
+        return [
+            {"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}, "tokens": t} for t in out.tokens
+        ]

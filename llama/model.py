@@ -1,0 +1,288 @@
+"""The Llama 3.x architecture in plain PyTorch, one file, Meta's parameter names.
+
+Shapes: B batch, T new tokens in this call, S keys visible (cache or prefix), D model dim,
+H query heads, K key/value heads, d head dim (D // H), V vocabulary.
+
+Rotary embeddings use Meta's interleaved layout (pairs (0,1), (2,3), ...); the Hugging Face
+loader converts q/k rows from HF's rotate-half layout (see `llama/checkpoint.py`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class RopeScaling:
+    """Llama 3 frequency scaling (Llama 3.1 uses factor 8, Llama 3.2 factor 32)."""
+
+    factor: float = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 2048
+    n_layers: int = 16
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = 128256
+    hidden_dim: Optional[int] = None  # SwiGLU width; derived from multiple_of/ffn_dim_multiplier if None
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[RopeScaling] = None
+    rope_freq_factors: Optional[list[float]] = None  # GGUF's rope_freqs tensor: divides each frequency
+    max_seq_len: int = 131072
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if isinstance(self.rope_scaling, dict):
+            names = {f.name for f in fields(RopeScaling)}
+            self.rope_scaling = RopeScaling(**{k: v for k, v in self.rope_scaling.items() if k in names})
+        if self.hidden_dim is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        problems = []
+        if self.dim % self.n_heads:
+            problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        elif (self.dim // self.n_heads) % 2:
+            problems.append(f"head dim {self.dim // self.n_heads} must be even for rotary embeddings")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if min(self.dim, self.n_layers, self.n_heads, self.vocab_size, self.hidden_dim, self.max_seq_len) <= 0:
+            problems.append("dim, n_layers, n_heads, vocab_size, hidden_dim and max_seq_len must be positive")
+        if problems:
+            raise ValueError("invalid model configuration: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "ModelArgs":
+        """Build from a dict with this class's field names; unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for accuracy, return in the input dtype (as Meta and HF do).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """(d/2,) fp32 inverse frequencies, with Llama 3 scaling applied when configured."""
+    d = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = args.rope_scaling
+    if s is not None:
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        smoothed = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+        inv_freq = torch.where(
+            wavelen < high_wavelen, inv_freq, torch.where(wavelen > low_wavelen, inv_freq / s.factor, smoothed)
+        )
+    if args.rope_freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(args.rope_freq_factors, dtype=torch.float64)
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (B, T, heads, d) by angles given as cos/sin (B, T, 1, d/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Fixed (B, K, max_len, d) key and value buffers, written in place at each call's positions."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, K, T, d) at [start_pos, start_pos+T); return views of all keys so far."""
+        end = start_pos + k.shape[2]
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: H query heads share K key/value heads (H // K queries per group)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, start_pos: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, T, D); mask None (plain causal) or bool (B, 1, T, S), True where attending is allowed."""
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)
+        # A single new token may attend to every cached key, so it needs no causal mask.
+        causal = mask is None and T > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, start_pos: int, mask):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.tie_weights()
+        # Indices of blocks whose activations are recomputed in backward (project/checkpointing.py).
+        self.checkpoint_blocks: set[int] = set()
+
+    def tie_weights(self):
+        if self.args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def reset_rope(self, device=None):
+        """Recompute the rotary frequencies (needed after building the model on the meta device)."""
+        self.inv_freq = rope_inv_freq(self.args).to(device or self.tok_embeddings.weight.device)
+
+    # ---- KV cache -------------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int):
+        """Allocate one (batch, max_len) KV cache per layer, in the weights' dtype and device."""
+        w = self.tok_embeddings.weight
+        for layer in self.layers:
+            a = layer.attention
+            a.cache = KVCache(batch, max_len, a.n_kv_heads, a.head_dim, w.dtype, w.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    def cache_nbytes(self) -> int:
+        return sum(l.attention.cache.nbytes() for l in self.layers if l.attention.cache is not None)
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        pad_lens: Optional[torch.Tensor] = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """tokens (B, T) at positions [start_pos, start_pos+T) -> logits (B, T, V), or (B, 1, V) if last_only.
+
+        pad_lens (B,) counts left-padding tokens per row (batched generation of unequal prompts):
+        a row's positions start after its padding, and no query attends to a padding key.
+        With the KV cache on, keys 0..start_pos-1 come from the cache; with it off, start_pos must be 0.
+        """
+        B, T = tokens.shape
+        cached = self.layers[0].attention.cache is not None
+        if start_pos and not cached:
+            raise ValueError("start_pos > 0 needs the KV cache (call setup_cache first)")
+        pos = torch.arange(start_pos, start_pos + T, device=tokens.device)
+        mask = None
+        if pad_lens is not None:
+            S = start_pos + T
+            keys = torch.arange(S, device=tokens.device)
+            mask = (keys[None, None, :] <= pos[None, :, None]) & (keys[None, None, :] >= pad_lens[:, None, None])
+            # A padding query sees only itself: a row of -inf would give NaN, and NaN * 0 is still NaN.
+            mask = mask | (keys[None, None, :] == pos[None, :, None])
+            mask = mask.unsqueeze(1)  # (B, 1, T, S)
+            pos = (pos[None, :] - pad_lens[:, None]).clamp(min=0)  # (B, T)
+        else:
+            pos = pos[None, :].expand(B, T)
+        angles = pos[..., None].float() * self.inv_freq  # (B, T, d/2)
+        cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            if i in self.checkpoint_blocks and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, start_pos, mask)
+        if last_only:
+            h = h[:, -1:, :]
+        return self.output(self.norm(h))
+
+
+def init_weights(model: Transformer, seed: int = 0, std: float = 0.02):
+    """Random weights (normal, std 0.02; norms at one) for performance work on a real shape."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                # Fill in fp32 chunks so a bf16 model never needs a full fp32 copy.
+                flat = p.view(-1)
+                for i in range(0, flat.numel(), 1 << 24):
+                    chunk = flat[i : i + (1 << 24)]
+                    chunk.copy_(torch.randn(chunk.numel(), generator=g) * std)

@@ -1,0 +1,66 @@
+"""Choosing the device and dtype, and saying what was chosen."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .errors import UserError
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}  # fmt: skip
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU and says so; an explicit device that is missing is an error."""
+    name = str(name).lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but this PyTorch sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported device {name!r}: use auto, cpu, cuda or mps")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 where the device computes it natively (CPU, recent CUDA), else fp16 (e.g. a P100, MPS)."""
+    name = str(name).lower()
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.bfloat16
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}: use auto, fp32, bf16 or fp16")
+    return DTYPES[name]
+
+
+def describe(device: torch.device, dtype: torch.dtype) -> str:
+    extra = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return f"device {device}{extra}, dtype {DTYPE_NAMES[dtype]}{threads}, torch {torch.__version__}"
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
