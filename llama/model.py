@@ -161,7 +161,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
-        # A single new token may attend to every cached key, so it needs no causal mask.
+        # Without a mask, either the queries start at position 0 (plain causal) or T == 1 and the one new
+        # token may attend to every cached key.
         causal = mask is None and T > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
@@ -249,13 +250,17 @@ class Transformer(nn.Module):
             raise ValueError("start_pos > 0 needs the KV cache (call setup_cache first)")
         pos = torch.arange(start_pos, start_pos + T, device=tokens.device)
         mask = None
+        # SDPA's is_causal aligns queries with the first keys, which is right only when the queries start at
+        # position 0 (or are a single token); several new tokens after cached ones need an explicit mask.
+        if pad_lens is not None or (start_pos > 0 and T > 1):
+            keys = torch.arange(start_pos + T, device=tokens.device)
+            mask = keys[None, None, :] <= pos[None, :, None]  # (1, T, S)
+            if pad_lens is not None:
+                mask = mask & (keys[None, None, :] >= pad_lens[:, None, None])
+                # A padding query sees only itself: a row of -inf would give NaN, and NaN * 0 is still NaN.
+                mask = mask | (keys[None, None, :] == pos[None, :, None])
+            mask = mask.unsqueeze(1)  # (B or 1, 1, T, S)
         if pad_lens is not None:
-            S = start_pos + T
-            keys = torch.arange(S, device=tokens.device)
-            mask = (keys[None, None, :] <= pos[None, :, None]) & (keys[None, None, :] >= pad_lens[:, None, None])
-            # A padding query sees only itself: a row of -inf would give NaN, and NaN * 0 is still NaN.
-            mask = mask | (keys[None, None, :] == pos[None, :, None])
-            mask = mask.unsqueeze(1)  # (B, 1, T, S)
             pos = (pos[None, :] - pad_lens[:, None]).clamp(min=0)  # (B, T)
         else:
             pos = pos[None, :].expand(B, T)

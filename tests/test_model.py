@@ -1,0 +1,230 @@
+"""llama/model.py against independent references: transformers' LlamaForCausalLM, and hand-worked values."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import TINY_ROPE, randomize_, tiny_args, tiny_model
+from llama.checkpoint import interleaved_to_rotate_half, load_checkpoint, save_hf
+from llama.model import KVCache, ModelArgs, RMSNorm, RopeScaling, Transformer, apply_rope, rope_inv_freq
+
+# (name, ModelArgs overrides): GQA + Llama 3 scaling; tied embeddings without scaling (plain MHA);
+# multi-query attention with both tied embeddings and scaling.
+CONFIGS = [
+    ("gqa_llama3_rope", dict()),
+    ("tied_mha", dict(n_kv_heads=4, rope_scaling=None, tie_word_embeddings=True)),
+    ("mqa_tied_llama3_rope", dict(n_kv_heads=1, tie_word_embeddings=True)),
+]
+SEQ_LEN = 100  # beyond TINY_ROPE.original_max_position_embeddings (64), so the scaling matters
+
+
+def hf_config(a: ModelArgs) -> LlamaConfig:
+    rope = None
+    if a.rope_scaling is not None:
+        s = a.rope_scaling
+        rope = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
+                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_position_embeddings)  # fmt: skip
+    return LlamaConfig(
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, max_position_embeddings=a.max_seq_len,
+        rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, rope_scaling=rope, tie_word_embeddings=a.tie_word_embeddings,
+        attn_implementation="eager",
+    )  # fmt: skip
+
+
+def tokens(batch=2, seq=SEQ_LEN, vocab=256, seed=0):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name,overrides", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_hf_checkpoint_logits_match_transformers(tmp_path, llama3_tokenizer_path, name, overrides):
+    """An HF model with random weights, saved as safetensors (sharded), loaded through our HF loader."""
+    a = tiny_args(**overrides)
+    torch.manual_seed(0)
+    hf = randomize_(LlamaForCausalLM(hf_config(a)), seed=1).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")  # several shards + index
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    ours = load_ours(tmp_path, llama3_tokenizer_path)
+    assert ours.args.tie_word_embeddings == a.tie_word_embeddings
+    assert (ours.args.rope_scaling is None) == (a.rope_scaling is None)
+    x = tokens()
+    with torch.no_grad():
+        expected = hf(x).logits
+        got = ours(x)
+    assert expected.abs().max() > 1.0  # logits are far from zero, so 1e-4 is a real bound
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def load_ours(path, tokenizer_path):
+    """Our HF loader through the public entry point (a Llama 3 tokenizer.model makes the folder complete)."""
+    (path / "tokenizer.model").symlink_to(tokenizer_path)
+    model, _ = load_checkpoint(path, torch.float32, "cpu")
+    return model
+
+
+def test_without_qk_permutation_logits_differ(tmp_path, llama3_tokenizer_path):
+    """The HF comparison can fail: skipping the rotate-half -> interleaved permutation is caught."""
+    a = tiny_args()
+    torch.manual_seed(0)
+    hf = randomize_(LlamaForCausalLM(hf_config(a)), seed=1).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_ours(tmp_path, llama3_tokenizer_path)
+    for layer in ours.layers:  # undo the permutation the loader applied
+        att = layer.attention
+        with torch.no_grad():
+            att.wq.weight.copy_(interleaved_to_rotate_half(att.wq.weight, a.n_heads))
+            att.wk.weight.copy_(interleaved_to_rotate_half(att.wk.weight, a.n_kv_heads))
+    with torch.no_grad():
+        assert (ours(tokens()) - hf(tokens()).logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name,overrides", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_save_hf_loads_in_transformers(tmp_path, name, overrides):
+    ours = tiny_model(seed=2, **overrides)
+    save_hf(ours, tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    x = tokens(seed=3)
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+def test_load_checkpoint_detects_hf_format(tmp_path, llama3_tokenizer_path):
+    """Through the public entry point: config.json + safetensors + tokenizer.model."""
+    ours = tiny_model(seed=4, vocab_size=128256, dim=32, hidden_dim=48)
+    save_hf(ours, tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(llama3_tokenizer_path.read_bytes())
+    model, tok = load_checkpoint(tmp_path, torch.float32, "cpu")
+    assert tok.bos_id == 128000
+    x = tokens(vocab=128256)
+    with torch.no_grad():
+        assert torch.equal(model(x), ours(x))
+
+
+# ---- ModelArgs -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(dim=60, n_heads=8), "not divisible"),
+        (dict(dim=24, n_heads=8), "must be even"),  # head dim 3
+        (dict(n_heads=4, n_kv_heads=3), "not a multiple"),
+        (dict(n_layers=0), "must be positive"),
+        (dict(vocab_size=-1), "must be positive"),
+    ],
+)
+def test_model_args_rejects_bad_configs(kw, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_args(**kw)
+
+
+def test_model_args_hidden_dim_from_meta_params():
+    # Llama 3.2-1B: int(2 * 4 * 2048 / 3) = 5461; * 1.5 = 8191 (truncated); rounded up to 256 -> 8192.
+    assert ModelArgs(dim=2048, n_heads=32, ffn_dim_multiplier=1.5, multiple_of=256).hidden_dim == 8192
+    # Llama 3.1-8B: 10922 * 1.3 = 14198 -> multiple of 1024 -> 14336.
+    assert ModelArgs(dim=4096, n_heads=32, ffn_dim_multiplier=1.3, multiple_of=1024).hidden_dim == 14336
+    a = ModelArgs.from_dict({"dim": 64, "n_heads": 4, "unknown_key": 1, "rope_scaling": {"factor": 8.0, "x": 0}})
+    assert a.n_kv_heads == 4 and a.rope_scaling == RopeScaling(factor=8.0)
+
+
+# ---- components against hand-worked values ---------------------------------------------------------------
+def test_rmsnorm_hand_worked():
+    norm = RMSNorm(2, eps=0.0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0]))
+    # rms([3, 4]) = sqrt((9 + 16) / 2) = sqrt(12.5)
+    r = math.sqrt(12.5)
+    out = norm(torch.tensor([[3.0, 4.0]]))
+    torch.testing.assert_close(out, torch.tensor([[3 / r, 2 * 4 / r]]))
+    # bf16 input: normalised in fp32, returned in bf16
+    out16 = norm(torch.tensor([[3.0, 4.0]], dtype=torch.bfloat16))
+    torch.testing.assert_close(out16.float(), torch.tensor([[3 / r, 2 * 4 / r]]), atol=2e-2, rtol=0)
+
+
+def test_rope_rotates_interleaved_pairs_by_position_times_frequency():
+    # head dim 4, theta 10000: inverse frequencies 10000^(-0/4) = 1 and 10000^(-2/4) = 0.01
+    a = ModelArgs(dim=4, n_layers=1, n_heads=1, vocab_size=8, hidden_dim=8, rope_theta=10000.0)
+    torch.testing.assert_close(rope_inv_freq(a), torch.tensor([1.0, 0.01]))
+    pos = 3
+    angles = pos * rope_inv_freq(a)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
+    out = apply_rope(x, angles.cos().view(1, 1, 1, 2), angles.sin().view(1, 1, 1, 2)).flatten()
+    c0, s0, c1, s1 = math.cos(3), math.sin(3), math.cos(0.03), math.sin(0.03)
+    expected = [1 * c0 - 2 * s0, 1 * s0 + 2 * c0, 3 * c1 - 4 * s1, 3 * s1 + 4 * c1]
+    torch.testing.assert_close(out, torch.tensor(expected))
+    # a quarter turn takes (1, 0) to (0, 1)
+    q = apply_rope(torch.tensor([1.0, 0.0]).view(1, 1, 1, 2), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+    torch.testing.assert_close(q.flatten(), torch.tensor([0.0, 1.0]))
+
+
+def test_llama3_rope_scaling_hand_worked():
+    """Head dim 16, theta 10000, factor 8, low 1, high 4, original context 64: cut-offs at wavelengths 16 and 64."""
+    a = ModelArgs(dim=16, n_layers=1, n_heads=1, vocab_size=8, hidden_dim=8, rope_theta=10000.0, rope_scaling=TINY_ROPE)
+    got = rope_inv_freq(a)
+    # i=0: freq 1, wavelength 2*pi = 6.28 < 16: unchanged.
+    assert got[0].item() == pytest.approx(1.0)
+    # i=2: freq 10000^(-4/16) = 0.1, wavelength 62.83 in [16, 64]: smoothed with
+    # s = (64 / 62.83 - 1) / (4 - 1) = 0.006197, freq (1 - s) * 0.1 / 8 + s * 0.1 = 0.013042.
+    s = (64 / (2 * math.pi / 0.1) - 1) / 3
+    assert s == pytest.approx(0.006197, abs=1e-6)
+    assert got[2].item() == pytest.approx(0.013042, rel=1e-4)
+    assert got[2].item() == pytest.approx((1 - s) * 0.1 / 8 + s * 0.1, rel=1e-6)
+    # i=1: freq 10000^(-2/16) = 0.316228, wavelength 19.8692: s = (64 / 19.8692 - 1) / 3 = 0.740357,
+    # freq (1 - 0.740357) * 0.316228 / 8 + 0.740357 * 0.316228 = 0.244385
+    assert got[1].item() == pytest.approx(0.244385, rel=1e-5)
+    # i=4: freq 0.01, wavelength 628 > 64: divided by the factor.
+    assert got[4].item() == pytest.approx(0.01 / 8)
+    # GGUF rope_freqs factors divide each frequency.
+    b = ModelArgs(dim=4, n_layers=1, n_heads=1, vocab_size=8, hidden_dim=8, rope_theta=10000.0, rope_freq_factors=[2.0, 4.0])
+    torch.testing.assert_close(rope_inv_freq(b), torch.tensor([0.5, 0.0025]))
+
+
+def test_kv_cache_sizing_and_lifecycle():
+    model = tiny_model()
+    a = model.args
+    assert model.cache_nbytes() == 0
+    model.setup_cache(3, 10)
+    c = model.layers[0].attention.cache
+    assert isinstance(c, KVCache) and c.k.shape == (3, a.n_kv_heads, 10, a.head_dim) == c.v.shape
+    # per layer: keys + values, 3 rows x 2 kv heads x 10 positions x 16 dims x 4 bytes
+    assert model.cache_nbytes() == a.n_layers * 2 * 3 * 2 * 10 * 16 * 4
+    model.clear_cache()
+    assert model.cache_nbytes() == 0 and all(l.attention.cache is None for l in model.layers)
+
+
+def test_cached_chunks_equal_one_full_forward():
+    """Prefill in chunks (several tokens at start_pos > 0) and token by token give the full forward's logits."""
+    model = tiny_model()
+    x = tokens(seq=40)
+    with torch.no_grad():
+        full = model(x)
+        model.setup_cache(2, 40)
+        parts = [model(x[:, :15], 0), model(x[:, 15:30], 15)] + [model(x[:, i : i + 1], i) for i in range(30, 40)]
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_returns_last_position():
+    model = tiny_model()
+    x = tokens(seq=12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, last_only=True), model(x)[:, -1:])
+
+
+def test_training_forward_backward_and_activation_checkpointing():
+    """The same model trains: plain causal forward with autograd; checkpointed blocks give the same gradients."""
+    model = tiny_model().train()
+    x = tokens(seq=20)
+
+    def grads():
+        model.zero_grad()
+        logits = model(x[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    assert all(g.abs().sum() > 0 for g in plain.values())
+    model.checkpoint_blocks = {0, 1}
+    for n, g in grads().items():
+        torch.testing.assert_close(g, plain[n])
