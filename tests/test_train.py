@@ -1,0 +1,209 @@
+"""The training loop: loss normalisation under accumulation, checkpointing, mixed precision, end to end, resume."""
+import functools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import finetuning
+from llama.checkpoint import REPO_ROOT
+from llama.errors import UserError
+from project.checkpointing import apply_checkpointing, checkpoint_blocks
+from project.data import IGNORE_INDEX, build_dataset, collate
+from project.model.lora import apply_lora
+from project.train import TrainConfig, label_tokens, loss_sum, make_scaler, train, train_step
+from tiny_finetune import PAD, RECORDS, byte_tokenizer, grads, tiny_model, write_records, write_tiny_checkpoint
+
+
+class RecordGrads(torch.optim.SGD):
+    """SGD that keeps a copy of the gradients it was asked to apply."""
+
+    def step(self, closure=None):
+        self.seen = {id(p): p.grad.detach().clone() for g in self.param_groups for p in g["params"]}
+        return super().step(closure)
+
+
+def examples(n=4):
+    """n hand-made records of different lengths, tokenised one byte per token."""
+    ds = build_dataset(RECORDS[:n], byte_tokenizer(), max_seq_len=512)
+    assert len({len(e.input_ids) for e in ds.examples}) == n  # really different lengths
+    return ds.examples
+
+
+def reference_loss(model, ids, labels):
+    """Mean next-token cross-entropy over the label tokens, written out: -log softmax at the target id."""
+    logp = torch.log_softmax(model(ids).float(), dim=-1)[:, :-1]
+    target = labels[:, 1:]
+    counted = target != IGNORE_INDEX
+    picked = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+    return -(picked * counted).sum() / counted.sum()
+
+
+def test_accumulated_gradients_equal_one_big_batch():
+    exs = examples(4)
+    model = tiny_model()
+    model.requires_grad_(True)
+    opt = RecordGrads(model.parameters(), lr=0.0)
+    micro = [collate([e], PAD) for e in exs]  # 4 micro-batches of 1, each its own length
+    train_step(model, micro, opt, make_scaler(torch.device("cpu"), "fp32"), "fp32")
+    accumulated = {n: opt.seen[id(p)] for n, p in model.named_parameters()}
+
+    ids, labels = collate(exs, PAD)  # one batch of 4, right-padded
+    reference_loss(model, ids, labels).backward()
+    big = grads(model)
+    for name, g in big.items():
+        torch.testing.assert_close(accumulated[name], g, rtol=1e-5, atol=1e-5, msg=name)
+
+    # Averaging each micro-batch's own mean would give a different (wrong) gradient: the test can fail.
+    model.zero_grad()
+    for ids_i, labels_i in micro:
+        (loss_sum(model, ids_i, labels_i) / label_tokens(labels_i) / len(micro)).backward()
+    naive = grads(model)
+    assert not torch.allclose(naive["output.weight"], big["output.weight"], rtol=1e-3, atol=1e-5)
+
+
+def test_checkpoint_policies_choose_blocks():
+    assert checkpoint_blocks("none", 16) == set()
+    assert checkpoint_blocks("all", 16) == set(range(16))
+    assert checkpoint_blocks("every-3", 10) == {0, 3, 6, 9}
+    assert checkpoint_blocks("sqrt", 16) == {0, 4, 8, 12}
+    assert len(checkpoint_blocks("sqrt", 30)) == 6
+    for bad in ("every-0", "every-x", "some"):
+        with pytest.raises(UserError):
+            checkpoint_blocks(bad, 4)
+
+
+@pytest.mark.parametrize("policy", ["all", "every-2", "sqrt"])
+def test_checkpointing_gives_the_same_gradients(policy):
+    ids, labels = collate(examples(2), PAD)
+    model = apply_lora(tiny_model(), targets=("wq", "wv", "w2"), r=4, alpha=8.0, dropout=0.0)
+    model.train()
+    loss_sum(model, ids, labels).backward()
+    plain = grads(model)
+    model.zero_grad()
+
+    runs = [0] * len(model.layers)
+    for i, layer in enumerate(model.layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+    chosen = apply_checkpointing(model, policy)
+    assert chosen
+    loss_sum(model, ids, labels).backward()
+    # A checkpointed block runs its forward twice (once more in backward): checkpointing really happened.
+    assert runs == [2 if i in chosen else 1 for i in range(len(model.layers))]
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, plain[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_lowers_the_loss_on_a_repeated_batch(precision):
+    cpu = torch.device("cpu")
+    model = apply_lora(tiny_model(), r=4, alpha=8.0, dropout=0.0)
+    batch = [collate(examples(2), PAD)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    scaler = make_scaler(cpu, precision)
+    assert scaler.is_enabled() == (precision == "fp16")
+    losses = [train_step(model, batch, opt, scaler, precision).loss for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.05, losses
+    # Master and LoRA weights stay fp32 whatever the autocast dtype.
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_an_overflowing_fp16_step_is_skipped_by_the_scaler():
+    cpu = torch.device("cpu")
+    model = apply_lora(tiny_model(), r=4, alpha=8.0, dropout=0.0)
+    with torch.no_grad():  # non-zero B so that every adapter gets a gradient
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.fill_(0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, lr=0.5)
+    # A loss scale of 2^100 overflows fp16 (max 65504) in the backward pass's fp16 matmuls.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    result = train_step(model, [collate(examples(2), PAD)], opt, scaler, "fp16")
+    assert result.skipped and scaler.get_scale() == 2.0**99
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    # With a sane scale the next step is applied.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    assert not train_step(model, [collate(examples(2), PAD)], opt, scaler, "fp16").skipped
+    assert not all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+# ---- end to end -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    return write_tiny_checkpoint(root / "ckpt"), write_records(root / "records.json"), root
+
+
+def run_finetuning(tiny_run, name, **kw):
+    ckpt, data, root = tiny_run
+    args = dict(ckpt_dir=str(ckpt), data=str(data), out=str(root / name / "reports"), run_dir=str(root / name / "run"),
+                grad_accum=2, lr=1e-2, optimizer="adamw", sample_max_gen_len=4)  # fmt: skip
+    finetuning.main(**{**args, **kw})
+    out = root / name
+    return out, [json.loads(line) for line in (out / "reports" / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_finetuning_end_to_end_lowers_the_loss(tiny_run):
+    out, log = run_finetuning(tiny_run, "e2e", epochs=8)
+    assert [r["step"] for r in log] == list(range(1, 25))  # 6 records / (1 x 2) = 3 steps per epoch
+    first_epoch = sum(r["loss"] for r in log[:3]) / 3
+    last_epoch = sum(r["loss"] for r in log[-3:]) / 3
+    assert last_epoch < first_epoch - 0.5, (first_epoch, last_epoch)
+    for f in ("summary.md", "loss.png", "samples.md", "samples.json"):
+        assert (out / "reports" / f).stat().st_size > 0
+    summary = (out / "reports" / "summary.md").read_text()
+    assert "bf16 autocast" in summary and "command" in summary and "optimizer steps: 24" in summary
+    samples = json.loads((out / "reports" / "samples.json").read_text())
+    assert len(samples) == len(finetuning.SAMPLE_RECORDS) and all({"before", "after"} <= set(s) for s in samples)
+    assert (out / "run" / "adapter.pt").exists() and (out / "run" / "training_state.pt").exists()
+
+
+def test_resume_after_interruption_reaches_the_same_weights(tiny_run, monkeypatch):
+    settings = dict(epochs=3, max_steps=7, save_every=2, lora_dropout=0.1)  # dropout: the RNG state matters
+    full, full_log = run_finetuning(tiny_run, "uninterrupted", **settings)
+
+    done = []
+
+    def interrupted_step(*args, **kw):
+        if len(done) == 5:  # Ctrl-C during step 6; the last checkpoint was after step 4
+            raise KeyboardInterrupt
+        done.append(1)
+        return train_step(*args, **kw)
+
+    monkeypatch.setattr(finetuning, "train", functools.partial(train, step_fn=interrupted_step))
+    with pytest.raises(KeyboardInterrupt):
+        run_finetuning(tiny_run, "resumed", **settings)
+    monkeypatch.undo()
+    resumed, resumed_log = run_finetuning(tiny_run, "resumed", resume=True, **settings)
+
+    a = torch.load(full / "run" / "adapter.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed / "run" / "adapter.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in resumed_log] == list(range(1, 8))
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log]
+
+
+def test_resume_refuses_other_settings(tiny_run):
+    run_finetuning(tiny_run, "changed", max_steps=2)
+    with pytest.raises(UserError, match="lr"):
+        run_finetuning(tiny_run, "changed", max_steps=3, lr=1e-3, resume=True)
+
+
+def test_train_config_rejects_bad_values():
+    for bad in (dict(precision="fp8"), dict(optimizer="lion"), dict(grad_accum=0), dict(max_steps=0), dict(lr=0)):
+        with pytest.raises(UserError):
+            TrainConfig(**bad)
+
+
+def test_cli_bad_data_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "x", "output": ""}]))
+    cmd = [sys.executable, "finetuning.py", "--data", str(bad), "--on_bad_record", "stop"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: record 0 ")
+    assert "Traceback" not in proc.stderr
