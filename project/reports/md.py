@@ -1,0 +1,57 @@
+"""Small Markdown helpers shared by the phase builders: tables, number formats, provenance lines."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from llama.checkpoint import REPO_ROOT
+
+OOM = "×"  # a configuration that ran out of memory (or failed); the status is said beside the table
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A pipe table; cells are written with str() and any `|` escaped."""
+    def cell(x) -> str:
+        return str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def num(x, digits: int = 2) -> str:
+    """A measured number with a fixed count of decimals and thousands separators; missing -> 'n/a'."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:,.{digits}f}"
+
+
+def ratio(x: float) -> str:
+    return f"{x:.1f}×" if x >= 1.95 else f"{x:.2f}×"
+
+
+def mib(nbytes) -> float:
+    return float(nbytes) / 2**20
+
+
+def distinct(frame, column: str) -> str:
+    """The values of a column, joined (for provenance lines); 'not recorded' when the column is absent."""
+    if column not in frame.columns:
+        return "not recorded"
+    return ", ".join(str(v) for v in dict.fromkeys(frame[column].dropna().astype(str)))
+
+
+def missing(what: str, reason: str, command: str) -> str:
+    return f"**No results yet** for {what}: {reason}. Run `{command}`, then `python -m project.reports`."
+
+
+def relative(path: Path, start: Path) -> str:
+    """path as a link from a file in folder start."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
+
+
+def shown_path(path: Path) -> str:
+    """path relative to the repository when inside it (so reports do not show this machine's folders)."""
+    path = Path(path).resolve()
+    return path.relative_to(REPO_ROOT).as_posix() if REPO_ROOT in path.parents else path.name
