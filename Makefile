@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup setup-dev run test test-all
+.PHONY: setup setup-dev run test test-all reports
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,6 @@ test: setup-dev
 
 test-all: setup-dev
 	$(PY) -m pytest -q tests
+
+reports: setup
+	$(PY) -m project.reports
