@@ -1,0 +1,104 @@
+"""Fine-tuning benchmark: time and memory of every technique combination, each in its own process.
+
+    python benchmark_finetuning.py                      # Llama 3.2-1B shape, random weights, all 10 configurations
+    python benchmark_finetuning.py --compare hf         # also Hugging Face transformers + peft, side by side
+    python benchmark_finetuning.py --configs vanilla,lora --examples 2    # a quick look
+    python benchmark_finetuning.py --report_only        # rebuild tables and plots from the CSV
+
+Writes under --out: measurements.csv (one row per configuration and stack), README.md (Table 3, Table 2,
+the memory breakdown), peak_and_time.png, memory_breakdown.png, timeline.png (+ timeline_*.json).
+"""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from llama.checkpoint import REPO_ROOT
+from llama.errors import UserError
+from llama.runtime import log, resolve_device
+from project.cli import run
+from project.finetune_bench.configs import ALL_ON, VANILLA, select
+from project.finetune_bench.report import write_report
+from project.finetune_bench.sweep import SweepOptions, run_sweep
+
+CSV_NAME = "measurements.csv"
+
+
+def main(
+    configs: Optional[str] = None,
+    ckpt_dir: Optional[str] = None,
+    shape: str = "llama3.2-1b",
+    data: Optional[str] = None,
+    examples: int = 8,
+    passes: int = 1,
+    warmup: int = 1,
+    grad_accum: int = 8,
+    max_seq_len: int = 512,
+    lora_r: int = 16,
+    lora_alpha: float = 32.0,
+    lora_dropout: float = 0.05,
+    lora_targets: Sequence[str] = ("wq", "wv"),
+    optimizer: str = "sgd",
+    lr: float = 1e-5,
+    allocator: str = "tuned",
+    compare: Optional[str] = None,
+    timelines: Sequence[str] = (VANILLA.name, ALL_ON.name),
+    device: str = "auto",
+    seed: int = 0,
+    timeout_s: Optional[float] = None,
+    simulate_oom: Sequence[str] = (),
+    out: str = "reports/finetune_benchmark",
+    run_dir: str = "runs/finetune_benchmark",
+    report_only: bool = False,
+):
+    """Measure the configurations (default: all 10) and write the report.
+
+    configs: comma-separated names (vanilla, ckpt, amp, lora, ckpt+amp, ..., accum8, ckpt+amp+lora+accum8).
+    examples / passes: the fixed set is the first `examples` usable records; each configuration trains
+    `passes` times over it after `warmup` optimizer steps. allocator: tuned (glibc malloc keeps freed
+    memory, Linux CPU; see project/allocator.py), default (glibc's own settings) or inherit (this shell's).
+    compare: hf to also run Hugging Face transformers + peft. timelines: configurations whose step is
+    profiled into a memory timeline. simulate_oom: configurations that fake an out-of-memory error.
+    """
+    out_dir = Path(out)
+    csv_path = out_dir / CSV_NAME
+    if report_only:
+        if not csv_path.exists():
+            raise UserError(f"--report_only: {csv_path} does not exist; run the benchmark first")
+        log(f"wrote {write_report(csv_path, out_dir)}")
+        return
+    if compare not in (None, "hf"):
+        raise UserError(f"--compare takes only hf, not {compare!r}")
+    names = lambda v: tuple(v.split(",")) if isinstance(v, str) else tuple(v)  # noqa: E731 (fire passes str or tuple)
+    chosen = select(configs, grad_accum)
+    if min(examples, passes) < 1 or warmup < 0:
+        raise UserError("--examples and --passes must be at least 1, --warmup at least 0")
+    opts = SweepOptions(
+        device=resolve_device(device), shape=shape, ckpt_dir=ckpt_dir, data=data, examples=examples, passes=passes,
+        warmup=warmup, max_seq_len=max_seq_len, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, lora_targets=names(lora_targets), optimizer=optimizer, lr=lr, allocator=allocator,
+        compare_hf=compare == "hf", simulate_oom=names(simulate_oom), timelines=names(timelines), timeout_s=timeout_s,
+        command="python " + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), run_dir=Path(run_dir),
+        extra={"commit": git_commit()},
+    )  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("timeline_*.json"):  # a timeline belongs to the run that made the CSV
+        old.unlink()
+    run_sweep(chosen, opts, out_dir, csv_path)
+    log(f"wrote {csv_path} and {write_report(csv_path, out_dir)}")
+
+
+def git_commit() -> str:
+    """The commit measured, with -dirty when tracked files differ from it."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    run(main)

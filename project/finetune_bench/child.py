@@ -1,0 +1,321 @@
+"""One benchmark configuration, measured in a fresh process (so no peak leaks from another configuration).
+
+    python -m project.finetune_bench.child SPEC.json RESULT.json
+
+The step is project/train.py's own (`micro_batch_backward` per micro-batch, `optimizer_update` per window),
+on a model set up as finetuning.py sets it up. Timing starts after the weights are loaded and after the
+warm-up steps. Memory is measured by what holds it:
+
+    parameters, gradients, optimizer state   bytes of those tensors (project.memory, de-duplicated by storage)
+    activations                              bytes autograd saves for backward inside the model's forward
+    logits / loss buffers                    the logits tensor + what the loss saves after the model returns
+
+Each part is its largest value over the measured micro-batches. The meters are passive
+saved-tensor hooks (one Python call per saved tensor), active in every configuration alike.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from llama.runtime import synchronize
+from project.allocator import allocator_settings
+from project.memory import (
+    PeakMemory,
+    SavedTensorMeter,
+    gradient_bytes,
+    memory_timeline,
+    optimizer_state_bytes,
+    parameter_bytes,
+    rss_bytes,
+    storage_ptrs,
+)
+
+
+@dataclass
+class Spec:
+    """What the parent process asks one child to measure (written as JSON)."""
+
+    name: str
+    grad_ckpt: bool
+    mixed: bool
+    lora: bool
+    grad_accum: int
+    precision: str  # autocast dtype: fp32 (off), bf16 or fp16 (with GradScaler)
+    device: str
+    examples: str  # JSON file: [{"input_ids": [...], "labels": [...]}], the fixed set, in order
+    passes: int = 1  # measured micro-batches = passes x the fixed set
+    warmup: int = 1  # optimizer steps before timing starts
+    shape: str = "llama3.2-1b"
+    ckpt_dir: Optional[str] = None
+    hf_dir: Optional[str] = None  # the same weights in Hugging Face layout (hf stack only)
+    seed: int = 0
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_targets: list = field(default_factory=lambda: ["wq", "wv"])
+    optimizer: str = "sgd"
+    lr: float = 1e-5
+    simulate_oom: bool = False  # raise torch.OutOfMemoryError in the first micro-batch (tests the OOM path)
+    timeline: Optional[str] = None  # write the memory timeline of one step to this JSON file
+
+
+@dataclass
+class Stack:
+    """A model ready to train and its step functions, whatever library it comes from."""
+
+    model: nn.Module
+    micro_batch: Callable[[torch.Tensor, torch.Tensor, int], float]  # (input_ids, labels, window label tokens)
+    update: Callable[[], bool]  # optimizer step + zero_grad; True if the GradScaler skipped it
+    optimizer: torch.optim.Optimizer
+    activation_module: nn.Module  # its forward's saved tensors are "activations"
+    logits_module: nn.Module  # its output is the logits tensor (B, T, V)
+
+
+class Meters:
+    """Forward hooks that meter one micro-batch: saved activations, loss-side buffers, the logits tensor.
+
+    While `activation_module` runs, its own SavedTensorMeter is the innermost saved-tensor hook, so the
+    outer meter of `micro_batch()` sees only what is saved outside it (the loss). With `marks`, it also
+    notes when the forward starts and when backward reaches the logits (for the timeline plot).
+    """
+
+    def __init__(self, stack: Stack):
+        self.params = list(stack.model.parameters())
+        self.active = False
+        self.marks: Optional[list] = None  # [(time_us, phase)] while drawing a timeline
+        self.activations = self.loss_side = self.grads = 0
+        stack.activation_module.register_forward_pre_hook(self._enter)
+        stack.activation_module.register_forward_hook(self._exit)
+        stack.logits_module.register_forward_hook(self._logits)
+
+    def _enter(self, module, args):
+        if self.marks is not None:
+            self.marks.append((time.time_ns() // 1000, "forward"))
+        if self.active:
+            self._inner = SavedTensorMeter(exclude=self.params).__enter__()
+
+    def _exit(self, module, args, out):
+        if self.active:
+            self._inner.__exit__(None, None, None)
+            self.activations = max(self.activations, self._inner.bytes)
+
+    def _logits(self, module, args, out):
+        logits = out if torch.is_tensor(out) else out.logits
+        if self.marks is not None and logits.requires_grad:
+            logits.register_hook(lambda g: self.marks.append((time.time_ns() // 1000, "backward")))
+        if self.active:
+            self._logits_storage = logits.untyped_storage()
+            self._logits_bytes = self._logits_storage.nbytes()
+
+    def micro_batch(self, run: Callable[[], float]) -> float:
+        if not self.active:
+            return run()
+        with SavedTensorMeter(exclude=self.params) as outer:
+            loss = run()
+        logits_ptr = self._logits_storage.data_ptr()
+        saved = outer.bytes - (self._logits_bytes if logits_ptr in outer.seen else 0)
+        self.loss_side = max(self.loss_side, self._logits_bytes + saved)
+        del self._logits_storage
+        return loss
+
+
+def windows_of(examples: list[dict], spec: Spec, device) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The measured micro-batches (passes x the fixed set, batch size 1) cut into accumulation windows."""
+    batches = [
+        (torch.tensor([e["input_ids"]], device=device), torch.tensor([e["labels"]], device=device))
+        for _ in range(spec.passes)
+        for e in examples
+    ]
+    return [batches[i : i + spec.grad_accum] for i in range(0, len(batches), spec.grad_accum)]
+
+
+def run_window(stack: Stack, meters: Meters, window, device, times: Optional[dict] = None) -> tuple[float, bool]:
+    """One optimizer step; appends micro-batch and update seconds to `times`. Returns (mean loss, skipped)."""
+    from project.train import label_tokens
+
+    n_labels = sum(label_tokens(labels) for _, labels in window)
+    loss = 0.0
+    for input_ids, labels in window:
+        t0 = time.perf_counter()
+        loss += meters.micro_batch(lambda: stack.micro_batch(input_ids, labels, n_labels))
+        synchronize(device)
+        if times is not None:
+            times["micro"].append(time.perf_counter() - t0)
+        if meters.active:  # gradients held after this backward (accumulated over the window so far)
+            meters.grads = max(meters.grads, gradient_bytes(stack.model))
+    if meters.marks is not None:
+        meters.marks.append((time.time_ns() // 1000, "optimizer"))
+    t0 = time.perf_counter()
+    skipped = stack.update()
+    synchronize(device)
+    if times is not None:
+        times["update"].append(time.perf_counter() - t0)
+    return loss, skipped
+
+
+def spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else float("nan"),
+        "min": min(values), "max": max(values), "n": len(values),
+    }  # fmt: skip
+
+
+def measure(stack: Stack, spec: Spec, examples: list[dict]) -> dict:
+    """Warm up, then time and meter every measured window; optionally record one step's memory timeline."""
+    device = torch.device(spec.device)
+    windows = windows_of(examples, spec, device)
+    meters = Meters(stack)
+    if spec.simulate_oom:
+        stack.micro_batch = _simulated_oom
+    idle_rss = rss_bytes()
+    idle_allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    for i in range(spec.warmup):
+        run_window(stack, meters, windows[i % len(windows)], device)
+
+    times = {"micro": [], "update": [], "step": []}
+    losses, skipped = [], 0
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    meters.active = True
+    with PeakMemory(device) as peak:
+        for window in windows:
+            t0 = time.perf_counter()
+            loss, was_skipped = run_window(stack, meters, window, device, times)
+            times["step"].append(time.perf_counter() - t0)
+            losses.append(loss)
+            skipped += was_skipped
+    meters.active = False
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    n_steps = len(windows)
+    tokens = sum(ids.numel() for w in windows for ids, _ in w)
+    micro, step, update = spread(times["micro"]), spread(times["step"]), spread(times["update"])
+    trainable = sum(p.numel() for p in {id(p): p for p in stack.model.parameters()}.values() if p.requires_grad)
+    result = {
+        "micro_batches": len(times["micro"]), "optimizer_steps": n_steps, "tokens": tokens,
+        "micro_s_mean": micro["mean"], "micro_s_std": micro["std"], "micro_s_min": micro["min"], "micro_s_max": micro["max"],
+        "step_s_mean": step["mean"], "step_s_std": step["std"], "step_s_min": step["min"], "step_s_max": step["max"],
+        "update_s_mean": update["mean"], "tokens_per_s": tokens / sum(times["step"]),
+        "loss_first": losses[0], "loss_last": losses[-1], "skipped_steps": skipped,
+        "peak_allocated_bytes": peak.allocated, "peak_reserved_bytes": peak.reserved, "peak_rss_bytes": peak.rss,
+        "peak_rss_reset": peak.reset_ok, "idle_rss_bytes": idle_rss, "idle_allocated_bytes": idle_allocated,
+        "peak_bytes": peak.peak, "peak_above_idle_bytes": peak.peak - (idle_allocated if device.type == "cuda" else idle_rss),
+        "param_bytes": parameter_bytes(stack.model), "grad_bytes": meters.grads, "optim_bytes": optimizer_state_bytes(stack.optimizer),
+        "activation_bytes": meters.activations, "logits_loss_bytes": meters.loss_side,
+        "trainable_params": trainable, "page_faults_per_step": (usage1.ru_minflt - usage0.ru_minflt) / n_steps,
+        "sys_s_per_step": (usage1.ru_stime - usage0.ru_stime) / n_steps,
+    }  # fmt: skip
+    if spec.timeline:
+        write_timeline(stack, meters, windows[0], device, spec.timeline)
+    return result
+
+
+def _simulated_oom(*args):
+    raise torch.OutOfMemoryError("simulated out of memory (--simulate_oom)")
+
+
+def write_timeline(stack: Stack, meters: Meters, window, device, path: str):
+    """Live bytes by category through one optimizer step (project.memory.memory_timeline), with phase marks."""
+    meters.marks = []
+    timeline = memory_timeline(lambda: run_window(stack, meters, window, device), device)
+    marks = [((t - timeline["t0_us"]) / 1000, phase) for t, phase in meters.marks]
+    meters.marks = None
+    Path(path).write_text(json.dumps({**timeline, "marks": marks}))
+
+
+# ---- this project's stack ----------------------------------------------------------------------------------
+def our_stack(spec: Spec) -> Stack:
+    """The model, LoRA, checkpointing, optimizer and GradScaler exactly as finetuning.py sets them up."""
+    from llama.checkpoint import load_checkpoint, random_model
+    from project.checkpointing import apply_checkpointing
+    from project.model.lora import apply_lora
+    from project.train import TrainConfig, make_optimizer, make_scaler, micro_batch_backward, optimizer_update
+
+    device = torch.device(spec.device)
+    if spec.ckpt_dir:
+        model, _ = load_checkpoint(spec.ckpt_dir, torch.float32, device)
+    else:
+        model, _ = random_model(spec.shape, torch.float32, device, spec.seed)
+    torch.manual_seed(spec.seed)
+    if spec.lora:
+        apply_lora(model, spec.lora_targets, spec.lora_r, spec.lora_alpha, spec.lora_dropout)
+    else:
+        model.requires_grad_(True)
+    apply_checkpointing(model, "all" if spec.grad_ckpt else "none")
+    model.train()
+    cfg = TrainConfig(lr=spec.lr, optimizer=spec.optimizer, grad_accum=spec.grad_accum, precision=spec.precision)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    scaler = make_scaler(device, spec.precision)
+
+    def micro_batch(input_ids, labels, n_labels):
+        return micro_batch_backward(model, input_ids, labels, n_labels, scaler, spec.precision)
+
+    return Stack(model, micro_batch, lambda: optimizer_update(optimizer, scaler)[0], optimizer, model, model)
+
+
+# ---- the process ---------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict:
+    import numpy
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    return {
+        "device_name": name, "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "torch": torch.__version__, "numpy": numpy.__version__, "allocator": allocator_settings(),
+    }  # fmt: skip
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's "can't allocate memory"."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower())
+
+
+def main(spec_path: str, result_path: str, build: Callable[[Spec], Stack] = our_stack) -> int:
+    spec = Spec(**json.loads(Path(spec_path).read_text()))
+    device = torch.device(spec.device)
+    result = {"status": "ok", **environment(device)}
+    try:
+        examples = json.loads(Path(spec.examples).read_text())
+        t0 = time.perf_counter()
+        stack = build(spec)
+        synchronize(device)
+        result["load_s"] = time.perf_counter() - t0
+        result.update(measure(stack, spec, examples))
+    except Exception as e:  # the sweep records the failure and goes on
+        result["status"] = "OOM" if is_out_of_memory(e) else "error"
+        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        traceback.print_exc()
+    for library in ("transformers", "peft"):  # the hf stack's versions, where this process imported them
+        if library in sys.modules:
+            result[library] = sys.modules[library].__version__
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:3]))

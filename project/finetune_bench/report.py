@@ -1,0 +1,324 @@
+"""Table 3 (every configuration), Table 2 (what each technique does to each part of memory) and plots,
+computed from the benchmark's CSV (and timeline JSON files); nothing here measures anything.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from llama.checkpoint import atomic_write
+
+from .configs import ALL_ON, VANILLA
+
+THRESHOLD = 0.05  # |change| below 5% of the vanilla value counts as "no significant change" (−)
+PARTS = [  # (CSV column, Table 2 / plot label)
+    ("param_bytes", "Parameters"),
+    ("activation_bytes", "Activations"),
+    ("grad_bytes", "Gradients"),
+    ("optim_bytes", "Optimizer state"),
+    ("logits_loss_bytes", "Logits / loss buffers"),
+]
+TECHNIQUES = [  # (Table 2 row, the configuration that turns on only this technique)
+    ("Gradient accumulation", "accum"),
+    ("Gradient checkpointing", "ckpt"),
+    ("Mixed precision", "amp"),
+    ("LoRA", "lora"),
+]
+MARK = {True: "✓", False: "×"}
+
+
+# ---- formatting ----------------------------------------------------------------------------------------
+def fmt_bytes(n: float) -> str:
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "n/a"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_time(mean: float, std: float, n: int) -> str:
+    if n is None or math.isnan(mean):
+        return "n/a"
+    return f"{mean:.3f} ± {std:.3f}" if not math.isnan(std) else f"{mean:.3f} (1 sample)"
+
+
+def arrow(base: float, value: float, threshold: float = THRESHOLD) -> tuple[str, float]:
+    """(↑ / ↓ / −, relative change) of value against base; − when |change| < threshold."""
+    if base == 0:
+        return ("−", 0.0) if value == 0 else ("↑", math.inf)
+    change = (value - base) / base
+    if abs(change) < threshold:
+        return "−", change
+    return ("↑" if change > 0 else "↓"), change
+
+
+def arrow_cell(base: float, value: float) -> str:
+    sign, change = arrow(base, value)
+    pct = "" if math.isinf(change) else f" {100 * change:+.1f}%"
+    return f"{sign}{pct} ({fmt_bytes(base)} → {fmt_bytes(value)})"
+
+
+# ---- tables --------------------------------------------------------------------------------------------
+def _technique_config(frame: pd.DataFrame, key: str) -> pd.Series | None:
+    ours = frame[frame["stack"] == "ours"]
+    if key == "accum":
+        match = ours[(~ours.grad_ckpt) & (~ours.mixed_precision) & (~ours.lora) & (ours.grad_accum > 1)]
+    else:
+        flags = {"ckpt": (True, False, False), "amp": (False, True, False), "lora": (False, False, True)}[key]
+        match = ours[(ours.grad_ckpt == flags[0]) & (ours.mixed_precision == flags[1]) & (ours.lora == flags[2])
+                     & (ours.grad_accum == 1)]  # fmt: skip
+    return match.iloc[0] if len(match) else None
+
+
+def table2(frame: pd.DataFrame) -> list[str]:
+    """One row per technique: each measured part against vanilla, with the arrow and the numbers."""
+    ours = frame[frame["stack"] == "ours"]
+    vanilla = ours[ours.config == VANILLA.name]
+    header = "| Technique | " + " | ".join(label for _, label in PARTS) + " | Peak memory |"
+    lines = [header, "|---" * (len(PARTS) + 2) + "|"]
+    if not len(vanilla) or vanilla.iloc[0].status != "ok":
+        return lines + ["", "(no successful vanilla run to compare with)"]
+    base = vanilla.iloc[0]
+    for label, key in TECHNIQUES:
+        row = _technique_config(frame, key)
+        if row is None:
+            continue
+        if row.status != "ok":
+            lines.append(f"| {label} ({row.config}) | " + " | ".join([row.status] * (len(PARTS) + 1)) + " |")
+            continue
+        cells = [arrow_cell(base[col], row[col]) for col, _ in PARTS] + [arrow_cell(base.peak_bytes, row.peak_bytes)]
+        lines.append(f"| {label} ({row.config}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _time_cell(row, prefix: str) -> str:
+    if row.status != "ok":
+        return f"{row.status} (×)"
+    return fmt_time(row[f"{prefix}_mean"], row[f"{prefix}_std"], row.get("micro_batches"))
+
+
+def _peak_cell(row) -> str:
+    if row.status != "ok":
+        return f"{row.status} (×)"
+    if str(row.device).startswith("cuda"):
+        return f"{fmt_bytes(row.peak_allocated_bytes)} / {fmt_bytes(row.peak_reserved_bytes)}"
+    return fmt_bytes(row.peak_rss_bytes)
+
+
+def table3(frame: pd.DataFrame) -> list[str]:
+    """One row per configuration: the techniques on (✓) or off (×), peak memory and time; hf beside ours."""
+    cuda = frame.device.astype(str).str.startswith("cuda").any()
+    peak_name = "Peak allocated / reserved" if cuda else "Peak RSS"
+    hf = frame[frame["stack"] == "hf"]
+    cols = ["Gradient checkpointing", "Mixed precision", "LoRA", "Gradient accumulation", peak_name]
+    cols += [] if cuda else ["Above idle"]
+    cols += ["Time / optimizer step (s)", "Time / micro-batch (s)", "Tokens/s"]
+    if len(hf):
+        cols += [f"HF {peak_name}", "Peak ours/HF", "HF time / micro-batch (s)", "Time ours/HF"]
+    lines = ["| # | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for i, row in enumerate(frame[frame["stack"] == "ours"].itertuples(index=False), 1):
+        r = pd.Series(row._asdict())
+        ok = r.status == "ok"
+        cells = [MARK[bool(r.grad_ckpt)], f"{MARK[bool(r.mixed_precision)]} {r.autocast if r.mixed_precision else ''}".strip(),
+                 MARK[bool(r.lora)], f"{MARK[r.grad_accum > 1]} {r.grad_accum}", _peak_cell(r)]  # fmt: skip
+        cells += [] if cuda else [fmt_bytes(r.peak_above_idle_bytes) if ok else "×"]
+        cells += [_time_cell(r, "step_s"), _time_cell(r, "micro_s"), f"{r.tokens_per_s:.1f}" if ok else "×"]
+        if len(hf):
+            twin = hf[hf.config == r.config]
+            if len(twin):
+                h = twin.iloc[0]
+                both = ok and h.status == "ok"
+                cells += [_peak_cell(h), f"{r.peak_bytes / h.peak_bytes:.2f}" if both else "×", _time_cell(h, "micro_s"),
+                          f"{r.micro_s_mean / h.micro_s_mean:.2f}" if both else "×"]  # fmt: skip
+            else:
+                cells += ["—"] * 4
+        lines.append(f"| {i} {r.config} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def breakdown_table(frame: pd.DataFrame) -> list[str]:
+    cols = [label for _, label in PARTS] + ["Sum of parts", "Peak", "Peak − sum"]
+    lines = ["| Configuration | Stack | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for row in frame.itertuples(index=False):
+        r = pd.Series(row._asdict())
+        if r.status != "ok":
+            lines.append(f"| {r.config} | {r['stack']} | " + " | ".join([r.status] * len(cols)) + " |")
+            continue
+        total = sum(r[c] for c, _ in PARTS)
+        cells = [fmt_bytes(r[c]) for c, _ in PARTS] + [fmt_bytes(total), fmt_bytes(r.peak_bytes), fmt_bytes(r.peak_bytes - total)]
+        lines.append(f"| {r.config} | {r['stack']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ---- plots -----------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path):
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    _plt().close(fig)
+
+
+def plot_peak_and_time(frame: pd.DataFrame, path: Path, title: str):
+    """Peak memory, time per micro-batch and per optimizer step for each configuration (hf beside ours)."""
+    plt = _plt()
+    names = list(dict.fromkeys(frame.config))
+    stacks = list(dict.fromkeys(frame["stack"]))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.45 * len(names) * len(stacks) + 1.8), sharey=True)
+    height = 0.8 / len(stacks)
+    for j, stack in enumerate(stacks):
+        rows = frame[frame["stack"] == stack].set_index("config").reindex(names)
+        y = [i + j * height for i in range(len(names))]
+        ok = rows.status == "ok"
+        for ax, col, std, label in ((axes[0], "peak_bytes", None, "peak memory (GiB)"),
+                                    (axes[1], "micro_s_mean", "micro_s_std", "time per micro-batch (s)"),
+                                    (axes[2], "step_s_mean", "step_s_std", "time per optimizer step (s)")):  # fmt: skip
+            values = rows[col].where(ok, 0).astype(float) / (2**30 if col == "peak_bytes" else 1)
+            errors = rows[std].where(ok, 0).astype(float).fillna(0) if std else None
+            ax.barh(y, values, height=height, xerr=errors, label=stack, capsize=2)
+            for yi, is_ok, status in zip(y, ok, rows.status):
+                if not is_ok:
+                    ax.text(0, yi, f" {status} ×", va="center", fontsize=8, color="crimson")
+            ax.set_xlabel(label)
+            ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks([i + height * (len(stacks) - 1) / 2 for i in range(len(names))], names)
+    axes[0].invert_yaxis()
+    if len(stacks) > 1:
+        axes[0].legend()
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def plot_breakdown(frame: pd.DataFrame, path: Path, title: str):
+    """Stacked measured parts per configuration, the rest of the peak as 'other', the peak as a mark."""
+    plt = _plt()
+    rows = frame[(frame["stack"] == "ours") & (frame.status == "ok")]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.8))
+    left = [0.0] * len(rows)
+    for col, label in PARTS:
+        values = (rows[col] / 2**30).tolist()
+        ax.barh(range(len(rows)), values, left=left, label=label)
+        left = [a + b for a, b in zip(left, values)]
+    other = [max(0.0, p / 2**30 - s) for p, s in zip(rows.peak_bytes, left)]
+    ax.barh(range(len(rows)), other, left=left, label="other (runtime, allocator, temporaries)", color="lightgrey")
+    ax.scatter(rows.peak_bytes / 2**30, range(len(rows)), marker="|", s=300, color="black", label="measured peak", zorder=3)
+    ax.set_yticks(range(len(rows)), rows.config)
+    ax.invert_yaxis()
+    ax.set_xlabel("GiB")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)
+
+
+def plot_timelines(timelines: dict[str, dict], path: Path, title: str):
+    """Live bytes by category through one optimizer step, one panel per configuration, phases marked."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(10, 3.2 * len(timelines)), squeeze=False)
+    for ax, (name, tl) in zip(axes[:, 0], timelines.items()):
+        keep = [i for i, c in enumerate(tl["categories"]) if any(s[i] for s in tl["bytes"])]
+        series = [[s[i] / 2**30 for s in tl["bytes"]] for i in keep]
+        ax.stackplot([t / 1000 for t in tl["t_ms"]], *series, labels=[tl["categories"][i] for i in keep], step="post")
+        seen = set()
+        for t, phase in tl.get("marks", []):
+            if (phase, round(t)) not in seen:  # one line per phase start (one per micro-batch)
+                seen.add((phase, round(t)))
+                ax.axvline(t / 1000, color="black", lw=0.6, ls="--")
+                ax.text(t / 1000, ax.get_ylim()[1] * 0.97, f" {phase}", fontsize=7, va="top")
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("GiB live")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[-1, 0].set_xlabel("seconds into the step")
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+# ---- the report -------------------------------------------------------------------------------------------
+def _unique(frame: pd.DataFrame, col: str) -> str:
+    if col not in frame:
+        return "n/a"
+    values = [str(v) for v in dict.fromkeys(frame[col].dropna())]
+    return "; ".join(values) if values else "n/a"
+
+
+def write_report(csv_path: Path, out_dir: Path) -> Path:
+    """README.md, peak_and_time.png, memory_breakdown.png and timeline.png in out_dir, from csv_path."""
+    frame = pd.read_csv(csv_path)
+    for col in ("grad_ckpt", "mixed_precision", "lora"):
+        frame[col] = frame[col].astype(bool)
+    ok = frame[frame.status == "ok"]
+    device = f"{_unique(frame, 'device')} ({_unique(ok, 'device_name')}, {_unique(ok, 'threads')} threads)"
+    versions = f"python {_unique(ok, 'python')}, torch {_unique(ok, 'torch')}, numpy {_unique(ok, 'numpy')}"
+    if (frame["stack"] == "hf").any():
+        versions += f", transformers {_unique(ok, 'transformers')}, peft {_unique(ok, 'peft')}"
+    title = f"{_unique(frame, 'model')} on {device}"
+    plot_peak_and_time(frame, out_dir / "peak_and_time.png", title)
+    plot_breakdown(frame, out_dir / "memory_breakdown.png", title)
+    timelines = {p.stem.removeprefix("timeline_ours_"): json.loads(p.read_text())
+                 for p in sorted(out_dir.glob("timeline_ours_*.json"))}  # fmt: skip
+    timelines = dict(sorted(timelines.items(), key=lambda kv: kv[0] != VANILLA.name))
+    if timelines:
+        plot_timelines(timelines, out_dir / "timeline.png", title)
+    cpu = not frame.device.astype(str).str.startswith("cuda").any()
+    lines = [
+        "# Fine-tuning benchmark", "",
+        f"Generated by `python benchmark_finetuning.py --report_only` from `{csv_path.name}`; measured with:", "",
+        f"    {_unique(frame, 'command')}", "",
+        f"- **device**: {device}",
+        f"- **dtype**: fp32 master weights; mixed precision = {_unique(frame[frame.mixed_precision], 'autocast')} "
+        "autocast" + (" + GradScaler" if (frame.autocast == "fp16").any() else ""),
+        f"- **versions**: {versions}; commit {_unique(frame, 'commit')}",
+        f"- **allocator**: {_unique(frame, 'allocator')}",
+        f"- **model**: {_unique(frame, 'model')}; batch size 1; optimizer {_unique(frame, 'optimizer')} "
+        f"(lr {_unique(frame, 'lr')}); LoRA {_unique(frame[frame.lora], 'lora_setup')}",
+        f"- **data**: {_unique(frame, 'data')}, the same token ids for every configuration",
+        f"- **timing**: {_unique(frame, 'warmup_steps')} warm-up optimizer step(s) excluded, then {_unique(frame, 'passes')} "
+        "pass(es) over the fixed set; weight loading excluded; mean ± standard deviation",
+        "",
+        "## Table 3: every configuration", "",
+        *table3(frame), "",
+        ("Peak RSS is the process's peak resident memory over the measured steps (the kernel's mark reset "
+         "before them); *above idle* subtracts the resident memory after loading the model and building the "
+         "optimizer, before the first step." if cpu else
+         "Peak allocated / reserved: torch.cuda.max_memory_allocated / max_memory_reserved over the measured steps."),
+        "Each configuration ran in its own fresh process. `OOM (×)`: the configuration ran out of memory.", "",
+        "## Table 2: what each technique does to each part of memory", "",
+        *table2(frame), "",
+        f"Each technique alone against vanilla (same examples). ↑ / ↓: the part grows / shrinks by at least "
+        f"{THRESHOLD:.0%} of its vanilla value; −: |change| < {THRESHOLD:.0%} (no significant change). "
+        "Parameters, gradients and optimizer state are the bytes of those tensors; activations are the bytes "
+        "autograd saves for backward inside the model's forward (de-duplicated by storage, parameters excluded); "
+        "logits / loss buffers are the logits tensor plus what the loss saves. Each is its largest value over "
+        "the measured micro-batches. Gradient accumulation runs micro-batches of the same size, so it changes "
+        "none of the parts: what it buys is a larger effective batch at the memory of a batch of 1.",
+        "",
+        "## Memory by what holds it", "",
+        *breakdown_table(frame), "",
+        "The parts are each at their largest, and are not all live at the same moment (backward frees "
+        "activations while it allocates gradients), so *peak − sum* is the rest of the process "
+        + ("(Python, libraries, allocator caches, temporaries)" if cpu else "(temporaries, workspace)")
+        + "; a negative value means the parts never coexist in full.",
+        "",
+        "![peak memory and time](peak_and_time.png)", "", "![memory breakdown](memory_breakdown.png)", "",
+    ]  # fmt: skip
+    if timelines:
+        lines += ["## Memory timeline of one optimizer step", "",
+                  "Live bytes by category (torch.profiler's memory timeline) through one step of "
+                  f"{', '.join(timelines)}; dashed lines: forward starts, backward reaches the logits, optimizer step.",
+                  "", "![memory timeline](timeline.png)", ""]  # fmt: skip
+    lines += [f"Raw measurements: [`{csv_path.name}`]({csv_path.name}) (one row per configuration and stack)."]
+    path = out_dir / "README.md"
+    atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    return path
