@@ -208,7 +208,7 @@ def test_missing_results_are_said_plainly(tmp_path):
     text2 = phase2.build(tmp_path, tmp_path / "none", "skip", ENV, [])
     assert "No results yet" in text2 and "python benchmark_inference.py" in text2
     text3 = phase3.build(tmp_path, tmp_path / "none", tmp_path / "none2", ENV, [])
-    assert "python finetuning.py --benchmark" in text3 and text3.count("No results yet") >= 4
+    assert FINETUNE_BENCH["command"] in text3 and text3.count("No results yet") >= 4
 
 
 # ---- Phase 3 -----------------------------------------------------------------------------------------------
@@ -249,6 +249,16 @@ def test_phase3_changes_when_a_measurement_changes(results):
     write_csv(results["bench"] / FINETUNE_BENCH["files"][0], FINETUNE_BENCH["columns"], rows)
     t3 = table_after(phase3.build(results["reports"], results["finetune"], results["bench"], ENV, []), "### Table 3")
     assert t3["LoRA"][4] == "5,300" and t3["LoRA"][5] == "4.75"
+
+
+def test_phase3_compares_the_other_stack(results):
+    rows = [dict(r, runner="ours") for r in bench_rows()]
+    rows.append(dict(rows[0], runner="hf", step_s=12.5, peak_bytes=9900 * 2**20))
+    write_csv(results["bench"] / FINETUNE_BENCH["files"][0], FINETUNE_BENCH["columns"], rows)
+    text = phase3.build(results["reports"], results["finetune"], results["bench"], ENV, [])
+    t = table_after(text, "### Against Hugging Face")
+    assert t["vanilla"] == ["hf", "10.00", "12.50", "1.25×", "9,000", "9,900", "1.10×"]
+    assert table_after(text, "### Table 3")["vanilla"][5] == "10.00"  # Table 3 shows our stack only
 
 
 # ---- PDFs --------------------------------------------------------------------------------------------------

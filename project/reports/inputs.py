@@ -60,8 +60,8 @@ FINETUNE = {
 
 FINETUNE_BENCH = {
     "dir": "reports/finetune_benchmark",
-    "files": ["results.csv", "benchmark.csv", "*.csv"],
-    "command": "python finetuning.py --benchmark",
+    "files": ["measurements.csv", "results.csv", "*.csv"],
+    "command": "python benchmark_finetuning.py",
     # A technique counts as off when its flag holds one of these values (any case); accumulation over 1 is off.
     "off_values": {
         "default": ["off", "false", "0", "no", "none", "fp32", "float32", "", "nan"],
@@ -69,7 +69,7 @@ FINETUNE_BENCH = {
     },
     "columns": {
         "grad_ckpt": "grad_ckpt",
-        "mixed_precision": "mixed",
+        "mixed_precision": "mixed_precision",
         "lora": "lora",
         "grad_accum": "grad_accum",
         "status": "status",
@@ -84,9 +84,10 @@ FINETUNE_BENCH = {
         "optim_bytes": "optim_bytes",
         "activation_bytes": "activation_bytes",
         "logits_loss_bytes": "logits_loss_bytes",  # optional
-        "runner": "runner",  # optional: ours / hf
+        "runner": "stack",  # optional: ours / hf
         "device": "device",
-        "dtype": "dtype",
+        "device_name": "device_name",  # optional
+        "dtype": "autocast",
         "torch": "torch",
         "commit": "commit",
         "allocator": "allocator",  # optional

@@ -296,7 +296,7 @@ def benchmark_section(folder: Path, reports_dir: Path, warnings: list) -> tuple[
     frame, problem = read_table(path, cfg["columns"], cfg["required"])
     if frame is None:
         warnings.append(problem)
-        return f"fine-tuning benchmark `{path}` (unreadable)", md.missing("Tables 2 and 3", problem, cfg["command"])
+        return f"fine-tuning benchmark `{md.shown_path(path)}` (unreadable)", md.missing("Tables 2 and 3", problem, cfg["command"])
     frame = flags(frame)
     conf = aggregate(frame)
     ours = conf[conf["runner"].astype(str) == "ours"] if "runner" in conf.columns and (conf["runner"].astype(str) == "ours").any() else conf
@@ -323,10 +323,40 @@ def benchmark_section(folder: Path, reports_dir: Path, warnings: list) -> tuple[
             f"Each technique alone against the vanilla run, from the measured parts above: ↑ more, ↓ less, − a change "
             f"smaller than {FINETUNE_BENCH['threshold']:.0%} of the vanilla value; numbers are vanilla → with the technique.",
             "", t2, "", "**Reading.**", "", *notes, ""]  # fmt: skip
+    compare = compare_section(conf)
+    if compare:
+        out += ["### Against Hugging Face transformers + peft (`--compare hf`)", "",
+                "Same weights, examples, autocast, LoRA settings and optimizer; ratio > 1 means the other stack is "
+                "slower or larger.", "", compare, ""]  # fmt: skip
     plots = sorted(folder.glob("*.png"))
     if plots:
         out += ["### Plots", ""] + [f"![{p.stem.replace('_', ' ')}]({md.relative(p, reports_dir)})\n" for p in plots]
     return prov, "\n".join(out)
+
+
+def compare_section(conf: pd.DataFrame) -> str | None:
+    """Each configuration on our stack beside the other stack(s) in the results."""
+    if "runner" not in conf.columns or conf["runner"].nunique() < 2:
+        return None
+    runners = sorted(conf["runner"].astype(str).unique())
+    ours = "ours" if "ours" in runners else runners[0]
+    rows = []
+    for _, a in conf[conf["runner"].astype(str) == ours].iterrows():
+        on = {f for f in FLAGS if a[f]}
+        for other in (r for r in runners if r != ours):
+            b = find_config(conf[conf["runner"].astype(str) == other], on)
+            if b is None:
+                continue
+            both = a["ok"] and b["ok"]
+            rows.append([label(a), other,
+                         md.OOM if not a["ok"] else md.num(a["step_s"]), md.OOM if not b["ok"] else md.num(b["step_s"]),
+                         md.ratio(b["step_s"] / a["step_s"]) if both else "n/a",
+                         md.OOM if not a["ok"] else md.num(a["peak_mib"], 0), md.OOM if not b["ok"] else md.num(b["peak_mib"], 0),
+                         md.ratio(b["peak_mib"] / a["peak_mib"]) if both else "n/a"])  # fmt: skip
+    if not rows:
+        return None
+    return md.table(["Configuration", "Other", f"{ours} s / step", "other s / step", "time ratio",
+                     f"{ours} peak (MiB)", "other peak (MiB)", "peak ratio"], rows)  # fmt: skip
 
 
 def checkpointing_section(summary: dict | None, warnings: list) -> str:
