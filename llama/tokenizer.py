@@ -147,7 +147,7 @@ class ByteBPETokenizer:
         pre = meta.get("tokenizer.ggml.pre", "gpt2")
         return cls(
             tokens=meta["tokenizer.ggml.tokens"],
-            merges=meta["tokenizer.ggml.merges"],
+            merges=meta.get("tokenizer.ggml.merges", []),  # absent or empty: no merges
             special_ids=special,
             bos_id=meta.get("tokenizer.ggml.bos_token_id") if meta.get("tokenizer.ggml.add_bos_token") else None,
             eos_id=meta["tokenizer.ggml.eos_token_id"],
