@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -28,12 +27,11 @@ def make_samples(path: Path, max_gen_len: int = SAMPLE_TOKENS) -> dict:
     for prompt in SAMPLE_PROMPTS:
         ids = [llama.tokenizer.encode_dialog([{"role": "user", "content": prompt}])]
         row = {"prompt": prompt}
+        # No timings here: these runs share the machine; Table 1 is where time is measured.
         for name, use in (("with_cache", True), ("without_cache", False)):
-            start = time.perf_counter()
             out = llama.generate(ids, max_gen_len, use_kv_cache=use)
             row[name] = llama.tokenizer.decode(out.tokens[0])
             row[name + "_tokens"] = out.tokens[0]
-            row[name + "_s"] = time.perf_counter() - start
         row["same_tokens"] = row["with_cache_tokens"] == row["without_cache_tokens"]
         rows.append(row)
     weights = llama.model.tok_embeddings.weight
@@ -70,10 +68,15 @@ def samples_section(folder: Path, mode: str) -> str:
     ]
     for i, s in enumerate(data.get("samples", []), 1):
         same = s.get("same_tokens")
-        verdict = "identical tokens" if same else "the token ids DIFFER" if same is not None else "not compared"
+        verdict = "identical tokens" if same else "the token ids differ" if same is not None else "not compared"
+        a, b = s.get("with_cache_tokens"), s.get("without_cache_tokens")
+        if same is False and a and b:
+            first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            verdict += (f" from new token {first + 1} on (the first {first} agree); bf16 rounding at a near-tie "
+                        f"would explain it (see above), not examined further here")
         out.append(f"\n**Prompt {i}:** {s['prompt']}\n")
-        out.append(f"- *with the cache* ({md.num(s.get('with_cache_s'))} s): {s['with_cache']!r}")
-        out.append(f"- *without the cache* ({md.num(s.get('without_cache_s'))} s): {s['without_cache']!r}")
+        out.append(f"- *with the cache*: {s['with_cache']!r}")
+        out.append(f"- *without the cache*: {s['without_cache']!r}")
         out.append(f"- {verdict}")
     return "\n".join(out)
 
@@ -127,8 +130,12 @@ def code_section(warnings: list) -> str:
     parts += [
         "So with the cache, step t costs one token's worth of projections and MLP plus attention over t cached "
         "keys; without it, step t recomputes all t tokens through every layer: total work grows with the square "
-        "of the length instead of linearly, in exchange for not holding the cache. Greedy decoding must produce "
-        "the same tokens either way (checked below and in the tests)."
+        "of the length instead of linearly, in exchange for not holding the cache. Both paths compute the same "
+        "function, but not with the same floating-point operations (one new row against cached keys versus the "
+        "whole sequence again, with different matrix shapes and summation orders). In exact arithmetic greedy "
+        "decoding would give the same tokens; in bf16 the logits differ by rounding, and where two candidate "
+        "tokens are nearly tied the argmax can flip and the continuations part ways. The samples below show "
+        "whether that happened."
     ]
     return "\n".join(parts)
 
