@@ -45,7 +45,8 @@ def main(
         raise UserError("give --prompt or --prompts, not both")
     if isinstance(prompts, str):
         prompts = [prompts]
-    texts = [prompt] if prompt is not None else list(prompts or SAMPLE_PROMPTS)
+    # fire turns numeric-looking text into numbers; a prompt is always text
+    texts = [str(t) for t in ([prompt] if prompt is not None else list(prompts or SAMPLE_PROMPTS))]
     if max_gen_len < 1:
         raise UserError("--max_gen_len must be at least 1")
     llama = Llama.build(ckpt_dir=ckpt_dir, shape=shape, device=device, dtype=dtype, seed=seed)
@@ -57,29 +58,42 @@ def main(
     groups = [texts] if batch else [[t] for t in texts]
     for group in groups:
         ids = [encode(t) for t in group]
-        streamed = []
-        if len(group) == 1:
+        stream = len(group) == 1
+        if stream:
             print(f">>> {group[0]}\n", flush=True)
-            streamed.append(0)
-
-            def on_token(step, nxt, printed=[0], row=[]):
-                row.append(int(nxt[0]))
-                text = tok.decode([t for t in row if t not in tok.stop_ids])
-                sys.stdout.write(text[printed[0]:])
-                sys.stdout.flush()
-                printed[0] = len(text)
-        else:
-            on_token = None
         start = time.perf_counter()
-        out = llama.generate(ids, max_gen_len, on_token=on_token, **settings)
+        out = llama.generate(ids, max_gen_len, on_token=TextStream(tok) if stream else None, **settings)
         elapsed = time.perf_counter() - start
         n_new = sum(len(t) for t in out.tokens)
         for text, gen in zip(group, out.tokens):
-            if not streamed:
+            if not stream:
                 print(f">>> {text}\n\n{tok.decode(gen)}")
             print()
         print(f"[{n_new} tokens in {elapsed:.2f}s: {n_new / elapsed:.1f} tokens/s; prefill {out.prefill_s:.2f}s, "
               f"decode {out.decode_s:.2f}s]\n", flush=True)
+
+
+class TextStream:
+    """`on_token` callback for one prompt: prints the text each new token adds, up to the first stop token.
+
+    Decoding the whole reply each time (not token by token) keeps multi-byte characters split across
+    tokens intact."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed, self.stopped = tokenizer, [], 0, False
+
+    def __call__(self, step: int, next_ids):
+        token = int(next_ids[0])
+        self.stopped = self.stopped or token in self.tokenizer.stop_ids
+        if self.stopped:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest of its bytes
+            return
+        sys.stdout.write(text[self.printed :])
+        sys.stdout.flush()
+        self.printed = len(text)
 
 
 if __name__ == "__main__":
