@@ -2,7 +2,7 @@
 
     python benchmark_finetuning.py                      # Llama 3.2-1B shape, random weights, all 10 configurations
     python benchmark_finetuning.py --compare hf         # also Hugging Face transformers + peft, side by side
-    python benchmark_finetuning.py --configs vanilla,lora --examples 2    # a quick look
+    python benchmark_finetuning.py --configs vanilla,lora --examples 1    # a quick look
     python benchmark_finetuning.py --report_only        # rebuild tables and plots from the CSV
 
 Writes under --out: measurements.csv (one row per configuration and stack), README.md (Table 3, Table 2,
@@ -32,7 +32,7 @@ def main(
     ckpt_dir: Optional[str] = None,
     shape: str = "llama3.2-1b",
     data: Optional[str] = None,
-    examples: int = 8,
+    examples: int = 2,
     passes: int = 1,
     warmup: int = 1,
     grad_accum: int = 8,
@@ -58,7 +58,8 @@ def main(
 
     configs: comma-separated names (vanilla, ckpt, amp, lora, ckpt+amp, ..., accum8, ckpt+amp+lora+accum8).
     examples / passes: the fixed set is the first `examples` usable records; each configuration trains
-    `passes` times over it after `warmup` optimizer steps. allocator: tuned (glibc malloc keeps freed
+    `passes` times over it (accumulation cycles on until its window is full) after `warmup` untimed
+    steps of one micro-batch. allocator: tuned (glibc malloc keeps freed
     memory, Linux CPU; see project/allocator.py), default (glibc's own settings) or inherit (this shell's).
     compare: hf to also run Hugging Face transformers + peft. timelines: configurations whose step is
     profiled into a memory timeline. simulate_oom: configurations that fake an out-of-memory error.

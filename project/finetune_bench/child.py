@@ -56,7 +56,7 @@ class Spec:
     device: str
     examples: str  # JSON file: [{"input_ids": [...], "labels": [...]}], the fixed set, in order
     passes: int = 1  # measured micro-batches = passes x the fixed set
-    warmup: int = 1  # optimizer steps before timing starts
+    warmup: int = 1  # optimizer steps of one micro-batch each (the fixed set's first examples), not timed
     shape: str = "llama3.2-1b"
     ckpt_dir: Optional[str] = None
     hf_dir: Optional[str] = None  # the same weights in Hugging Face layout (hf stack only)
@@ -132,13 +132,16 @@ class Meters:
 
 
 def windows_of(examples: list[dict], spec: Spec, device) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The measured micro-batches (passes x the fixed set, batch size 1) cut into accumulation windows."""
-    batches = [
-        (torch.tensor([e["input_ids"]], device=device), torch.tensor([e["labels"]], device=device))
-        for _ in range(spec.passes)
-        for e in examples
-    ]
-    return [batches[i : i + spec.grad_accum] for i in range(0, len(batches), spec.grad_accum)]
+    """The measured micro-batches (batch size 1) cut into accumulation windows.
+
+    passes x the fixed set, cycling on through the set until the last window is full (with accumulation
+    8 and 2 examples: one window, each example 4 times), so every micro-batch is one of the same examples.
+    """
+    n = len(examples) * spec.passes
+    n = -(-n // spec.grad_accum) * spec.grad_accum
+    tensors = [(torch.tensor([e["input_ids"]], device=device), torch.tensor([e["labels"]], device=device)) for e in examples]
+    batches = [tensors[i % len(tensors)] for i in range(n)]
+    return [batches[i : i + spec.grad_accum] for i in range(0, n, spec.grad_accum)]
 
 
 def run_window(stack: Stack, meters: Meters, window, device, times: Optional[dict] = None) -> tuple[float, bool]:
@@ -181,8 +184,9 @@ def measure(stack: Stack, spec: Spec, examples: list[dict]) -> dict:
         stack.micro_batch = _simulated_oom
     idle_rss = rss_bytes()
     idle_allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    for i in range(spec.warmup):
-        run_window(stack, meters, windows[i % len(windows)], device)
+    micro_batches = [b for w in windows for b in w]
+    for i in range(spec.warmup):  # one-off costs: first touch of the gradient pages, kernel selection
+        run_window(stack, meters, [micro_batches[i % len(micro_batches)]], device)
 
     times = {"micro": [], "update": [], "step": []}
     losses, skipped = [], 0

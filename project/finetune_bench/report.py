@@ -284,8 +284,8 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
         f"- **model**: {_unique(frame, 'model')}; batch size 1; optimizer {_unique(frame, 'optimizer')} "
         f"(lr {_unique(frame, 'lr')}); LoRA {_unique(frame[frame.lora], 'lora_setup')}",
         f"- **data**: {_unique(frame, 'data')}, the same token ids for every configuration",
-        f"- **timing**: {_unique(frame, 'warmup_steps')} warm-up optimizer step(s) excluded, then {_unique(frame, 'passes')} "
-        "pass(es) over the fixed set; weight loading excluded; mean ± standard deviation",
+        f"- **timing**: {_unique(frame, 'warmup_steps')} warm-up optimizer step(s) of one micro-batch each excluded, then "
+        f"{_unique(frame, 'passes')} pass(es) over the fixed set; weight loading excluded; mean ± standard deviation",
         "",
         "## Table 3: every configuration", "",
         *table3(frame), "",

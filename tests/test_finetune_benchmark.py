@@ -1,0 +1,140 @@
+"""The fine-tuning benchmark end to end on a tiny model: CSV rows and columns, the memory breakdown, a
+simulated out-of-memory configuration, and Table 2's arrows against the numbers beside them."""
+import math
+import re
+
+import pandas as pd
+import pytest
+
+from llama.errors import UserError
+from project.finetune_bench.configs import select
+from project.finetune_bench.report import THRESHOLD, arrow
+from tests.conftest import run_script
+from tests.tiny_finetune import tiny_args, write_records, write_tiny_checkpoint
+
+UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+REQUIRED = [
+    "config", "stack", "status", "device", "device_name", "autocast", "torch", "python", "commit", "allocator", "command",
+    "micro_s_mean", "micro_s_std", "step_s_mean", "peak_bytes", "peak_rss_bytes", "idle_rss_bytes",
+    "peak_above_idle_bytes", "param_bytes", "grad_bytes", "optim_bytes", "activation_bytes", "logits_loss_bytes",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """vanilla, ckpt (made to run out of memory) and lora, each in its own process, on a tiny checkpoint."""
+    tmp = tmp_path_factory.mktemp("bench")
+    ckpt, data, out = write_tiny_checkpoint(tmp / "ckpt"), write_records(tmp / "records.json"), tmp / "out"
+    proc = run_script(
+        "benchmark_finetuning.py", "--ckpt_dir", ckpt, "--data", data, "--configs", "vanilla,ckpt,lora",
+        "--examples", 2, "--simulate_oom", "ckpt", "--timelines", "vanilla", "--device", "cpu",
+        "--out", out, "--run_dir", tmp / "runs", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return pd.read_csv(out / "measurements.csv"), (out / "README.md").read_text(), out
+
+
+def test_csv_rows_columns_and_numbers(bench):
+    frame, _, _ = bench
+    assert list(frame.config) == ["vanilla", "ckpt", "lora"]  # the sweep went on after the OOM
+    assert list(frame.status) == ["ok", "OOM", "ok"]
+    assert not [c for c in REQUIRED if c not in frame.columns]
+    ok = frame[frame.status == "ok"]
+    for col in REQUIRED[11:]:
+        assert (ok[col] >= 0).all(), col
+    assert (ok.micro_s_mean > 0).all() and (ok.activation_bytes > 0).all()
+    assert ok.command.str.contains("benchmark_finetuning.py").all() and ok.torch.notna().all()
+
+
+def test_breakdown_parts_match_hand_counts_and_fit_in_the_peak(bench):
+    frame, _, _ = bench
+    a = tiny_args()
+    n_params = a.vocab_size * a.dim * 2 + a.n_layers * (
+        a.dim * a.dim * 2 + 2 * a.dim * a.n_kv_heads * a.head_dim + 3 * a.dim * a.hidden_dim + 2 * a.dim
+    ) + a.dim  # fmt: skip
+    kv = a.n_kv_heads * a.head_dim
+    lora_params = a.n_layers * 16 * ((a.dim + a.dim) + (a.dim + kv))  # r 16 on wq (dim->dim) and wv (dim->kv)
+    vanilla = frame.set_index("config").loc["vanilla"]
+    lora = frame.set_index("config").loc["lora"]
+    assert vanilla.param_bytes == vanilla.grad_bytes == 4 * n_params  # fp32, everything trainable
+    assert lora.param_bytes == 4 * (n_params + lora_params)
+    assert lora.grad_bytes == 4 * lora_params  # only A and B get gradients
+    assert vanilla.optim_bytes == lora.optim_bytes == 0  # SGD without momentum keeps no state
+    for row in (vanilla, lora):
+        parts = row.param_bytes + row.grad_bytes + row.optim_bytes + row.activation_bytes + row.logits_loss_bytes
+        assert parts <= row.peak_bytes
+
+
+def parse_bytes(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * UNITS[unit]
+
+
+def test_table2_arrows_match_the_numbers_beside_them(bench):
+    frame, readme, _ = bench
+    table = readme.split("## Table 2")[1].split("\n\n")[1].splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    lora_line = next(line for line in table if line.startswith("| LoRA"))
+    cells = dict(zip(header, (c.strip() for c in lora_line.strip("|").split("|"))))
+    row = frame.set_index("config").loc["lora"]
+    base = frame.set_index("config").loc["vanilla"]
+    columns = {"Parameters": "param_bytes", "Activations": "activation_bytes", "Gradients": "grad_bytes",
+               "Optimizer state": "optim_bytes", "Peak memory": "peak_bytes"}  # fmt: skip
+    for label, col in columns.items():
+        m = re.fullmatch(r"([↑↓−])(?: ([+-]\d+\.\d)%)? \((.+) → (.+)\)", cells[label])
+        assert m, cells[label]
+        sign, pct, before, after = m.groups()
+        assert parse_bytes(before) == pytest.approx(base[col], rel=0.01, abs=1)
+        assert parse_bytes(after) == pytest.approx(row[col], rel=0.01, abs=1)
+        change = (row[col] - base[col]) / base[col] if base[col] else (0.0 if row[col] == 0 else math.inf)
+        if pct is not None:
+            assert float(pct) == pytest.approx(100 * change, abs=0.051)
+        expected = "−" if abs(change) < THRESHOLD else ("↑" if change > 0 else "↓")
+        assert sign == expected, (label, cells[label])
+    assert cells["Gradients"].startswith("↓") and cells["Parameters"].startswith("↑")
+
+
+def test_tables_and_plots_written(bench):
+    _, readme, out = bench
+    table3 = readme.split("## Table 3")[1].split("## Table 2")[0]
+    assert re.search(r"\| 2 ckpt \| ✓ \| × \| × \|.*OOM \(×\)", table3)
+    assert "| 1 vanilla |" in table3 and "| 3 lora |" in table3
+    for name in ("peak_and_time.png", "memory_breakdown.png", "timeline.png", "timeline_ours_vanilla.json"):
+        assert (out / name).stat().st_size > 0
+    assert "device" in readme and "torch" in readme and "python benchmark_finetuning.py" in readme
+
+
+def test_arrow_threshold_by_hand():
+    assert arrow(100, 104.9)[0] == "−" and arrow(100, 95.1)[0] == "−"
+    assert arrow(100, 105)[0] == "↑" and arrow(100, 95)[0] == "↓"
+    assert arrow(0, 0) == ("−", 0.0) and arrow(0, 1)[0] == "↑"
+
+
+def test_configuration_names():
+    assert [c.name for c in select(None)] == [
+        "vanilla", "ckpt", "amp", "lora", "ckpt+amp", "ckpt+lora", "amp+lora", "ckpt+amp+lora",
+        "accum8", "ckpt+amp+lora+accum8",
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="unknown configuration"):
+        select("vanilla,fast")
+
+
+@pytest.mark.slow
+def test_compare_hf_runs_both_stacks(tmp_path):
+    ckpt, data = write_tiny_checkpoint(tmp_path / "ckpt"), write_records(tmp_path / "records.json")
+    proc = run_script(
+        "benchmark_finetuning.py", "--ckpt_dir", ckpt, "--data", data, "--configs", "vanilla,ckpt+amp+lora",
+        "--examples", 2, "--compare", "hf", "--timelines", "", "--device", "cpu", "--out", tmp_path / "out",
+        "--run_dir", tmp_path / "runs", timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frame = pd.read_csv(tmp_path / "out" / "measurements.csv")
+    assert list(zip(frame.config, frame["stack"], frame.status)) == [
+        ("vanilla", "ours", "ok"), ("vanilla", "hf", "ok"), ("ckpt+amp+lora", "ours", "ok"), ("ckpt+amp+lora", "hf", "ok")
+    ]  # fmt: skip
+    hf = frame[frame["stack"] == "hf"].set_index("config")
+    ours = frame[frame["stack"] == "ours"].set_index("config")
+    # Same weights: the same parameter bytes (full) and the same adapter gradient bytes (LoRA on q, v).
+    assert hf.loc["vanilla"].param_bytes == ours.loc["vanilla"].param_bytes
+    assert hf.loc["ckpt+amp+lora"].grad_bytes == ours.loc["ckpt+amp+lora"].grad_bytes
+    assert "Peak ours/HF" in (tmp_path / "out" / "README.md").read_text()
