@@ -158,7 +158,8 @@ TIMELINE_CATEGORIES = [
 def memory_timeline(step, device: torch.device) -> dict:
     """Run `step()` once under the PyTorch profiler and return live bytes over time, by category.
 
-    Returns {"t_ms": [...], "categories": [...], "bytes": [[per category] per sample]}. The profiler
+    Returns {"t_ms": [...], "categories": [...], "bytes": [[per category] per sample], "t0_us": first sample's
+    time in microseconds since the epoch (time.time_ns() // 1000 places other events on t_ms)}. The profiler
     classifies every allocation (parameter, gradient, activation, optimizer state, ...), which RSS cannot.
     """
     import tempfile
@@ -177,4 +178,7 @@ def memory_timeline(step, device: torch.device) -> dict:
         with open(path) as f:
             times, sizes = json.load(f)
     t0 = times[0] if times else 0
-    return {"t_ms": [(t - t0) / 1000 for t in times], "categories": TIMELINE_CATEGORIES, "bytes": [s[1:] for s in sizes]}
+    return {
+        "t_ms": [(t - t0) / 1000 for t in times], "categories": TIMELINE_CATEGORIES, "bytes": [s[1:] for s in sizes],
+        "t0_us": t0,
+    }  # fmt: skip

@@ -109,19 +109,39 @@ def train_step(
     grad_clip: Optional[float] = None,
 ) -> StepResult:
     """One optimizer step over micro_batches [(input_ids (B, T), labels (B, T)), ...] already on the device."""
-    device = micro_batches[0][0].device
     n_labels = sum(label_tokens(labels) for _, labels in micro_batches)
     total = 0.0
     for input_ids, labels in micro_batches:
-        with autocast(device, precision):
-            summed = loss_sum(model, input_ids, labels)
-        # Divide by the label tokens of the whole accumulation window, not of this micro-batch: the
-        # summed gradients are then those of the mean loss over every label token of the window, i.e.
-        # exactly the gradient of one batch holding all the window's examples (per-micro-batch means
-        # would over-weight the tokens of short examples).
-        loss = summed / n_labels
-        scaler.scale(loss).backward()
-        total += loss.item()
+        total += micro_batch_backward(model, input_ids, labels, n_labels, scaler, precision)
+    skipped, grad_norm, scale = optimizer_update(optimizer, scaler, grad_clip)
+    tokens = sum(int((labels != IGNORE_INDEX).sum()) + _prompt_tokens(labels) for _, labels in micro_batches)
+    return StepResult(total, n_labels, tokens, skipped, grad_norm, scale)
+
+
+def micro_batch_backward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    n_labels: int,
+    scaler: torch.amp.GradScaler,
+    precision: str,
+) -> float:
+    """Forward and backward of one micro-batch (B, T); adds its gradients to .grad, returns its loss share."""
+    with autocast(input_ids.device, precision):
+        summed = loss_sum(model, input_ids, labels)
+    # Divide by the label tokens of the whole accumulation window (n_labels), not of this micro-batch:
+    # the summed gradients are then those of the mean loss over every label token of the window, i.e.
+    # exactly the gradient of one batch holding all the window's examples (per-micro-batch means
+    # would over-weight the tokens of short examples).
+    loss = summed / n_labels
+    scaler.scale(loss).backward()
+    return loss.item()
+
+
+def optimizer_update(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_clip: Optional[float] = None
+) -> tuple[bool, Optional[float], float]:
+    """Apply the accumulated gradients and clear them. Returns (skipped, grad_norm, loss scale used)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = None
     if grad_clip:
@@ -132,8 +152,7 @@ def train_step(
     scaler.update()  # ... and then lowers the scale
     skipped = scaler.is_enabled() and scaler.get_scale() < scale
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(int((labels != IGNORE_INDEX).sum()) + _prompt_tokens(labels) for _, labels in micro_batches)
-    return StepResult(total, n_labels, tokens, skipped, grad_norm, scale)
+    return skipped, grad_norm, scale
 
 
 def _prompt_tokens(labels: torch.Tensor) -> int:
