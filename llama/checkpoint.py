@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .gguf_file import read_gguf
 from .model import ModelArgs, RopeScaling, Transformer, init_weights
 from .tokenizer import ByteBPETokenizer, Llama3Tokenizer, load_tokenizer_file
 
@@ -338,16 +340,6 @@ def gguf_to_meta_name(name: str) -> str:
     return f"{GGUF_NAMES.get(parts[0], parts[0])}.{parts[1]}"
 
 
-def gguf_metadata(reader) -> dict:
-    meta = {}
-    for key, field in reader.fields.items():
-        try:
-            meta[key] = field.contents()
-        except Exception:  # a field type this gguf version cannot decode; none that we need
-            continue
-    return meta
-
-
 def gguf_args(meta: dict, tensor_names: set[str]) -> ModelArgs:
     arch = meta.get("general.architecture")
     if arch != "llama":
@@ -375,26 +367,25 @@ def gguf_args(meta: dict, tensor_names: set[str]) -> ModelArgs:
 
 def load_gguf(path: Path, dtype, device):
     """GGUF (llama.cpp): q/k rows are already in Meta's interleaved order; each tensor is dequantised alone."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as e:
-        raise UserError(f"cannot read GGUF file {path}: {str(e).splitlines()[0]}") from None
-    meta = gguf_metadata(reader)
-    by_name = {t.name: t for t in reader.tensors}
+        meta, tensors = read_gguf(path)
+    except (ValueError, KeyError, struct.error, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read GGUF file {path}: {e}") from None
+    by_name = {t.name: t for t in tensors}
     args = gguf_args(meta, set(by_name))
     if "rope_freqs.weight" in by_name:  # Llama 3.1+ GGUFs store the scaled-rope factors as a tensor
         t = by_name.pop("rope_freqs.weight")
-        args.rope_freq_factors = dequantize(t.data, t.tensor_type).tolist()
-
-    def tensors():
-        for name, t in by_name.items():
-            # np.array copies: F32 tensors come back as read-only views of the memory-mapped file.
-            yield gguf_to_meta_name(name), torch.from_numpy(np.array(dequantize(t.data, t.tensor_type)))
-
-    model = build_from_tensors(args, tensors(), dtype, device)
+        args.rope_freq_factors = dequantize(t.data, t.qtype).tolist()
     if meta.get("tokenizer.ggml.model") == "llama":
         raise UserError("this GGUF carries a SentencePiece tokenizer; only byte-level BPE GGUF tokenizers are supported")
+
+    def weights():
+        for name, t in by_name.items():
+            # F32/F16 come back as read-only views of the memory-mapped file: copy those (only those).
+            values = np.require(dequantize(t.data, t.qtype), requirements="W")
+            yield gguf_to_meta_name(name), torch.from_numpy(values)
+
+    model = build_from_tensors(args, weights(), dtype, device)
     return model, ByteBPETokenizer.from_gguf_fields(meta)

@@ -200,3 +200,25 @@ def test_gguf_tensor_types_match_transformers(tmp_path, tied):
         expected = hf(X).logits
         assert expected.abs().max() > 1
         assert (ours(X) - expected).abs().max().item() <= 1e-4
+
+
+def test_read_gguf_matches_gguf_reader(tmp_path):
+    """Our fast GGUF parser against gguf's GGUFReader: same metadata values, same tensors after dequantising."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from llama.gguf_file import read_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tiny_model(seed=9, dim=256, hidden_dim=256, rope_scaling=None), GGUF_TYPES)
+    meta, tensors = read_gguf(path)
+    reader = GGUFReader(str(path))
+    expected = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert meta == expected and len(meta) > 10
+    assert [t.name for t in tensors] == [t.name for t in reader.tensors]
+    for ours, ref in zip(tensors, reader.tensors):
+        assert ours.qtype == ref.tensor_type
+        assert np.array_equal(dequantize(ours.data, ours.qtype), dequantize(ref.data, ref.tensor_type)), ours.name
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 20)
+    with pytest.raises(UserError, match="cannot read GGUF"):
+        load_checkpoint(tmp_path / "bad.gguf", torch.float32, "cpu")

@@ -34,13 +34,11 @@ TEXT = "".join(SAMPLES)
 @pytest.fixture(scope="module")
 def default_tokenizers():
     """(ours, transformers') for the embedded GGUF."""
-    from gguf import GGUFReader
-
-    from llama.checkpoint import gguf_metadata
+    from llama.gguf_file import read_gguf
     from llama.tokenizer import ByteBPETokenizer
 
     gguf = next(DEFAULT_CKPT_DIR.glob("*.gguf"))
-    ours = ByteBPETokenizer.from_gguf_fields(gguf_metadata(GGUFReader(str(gguf))))
+    ours = ByteBPETokenizer.from_gguf_fields(read_gguf(gguf)[0])
     return ours, AutoTokenizer.from_pretrained(DEFAULT_CKPT_DIR, gguf_file=gguf.name)
 
 
