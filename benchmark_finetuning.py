@@ -82,7 +82,7 @@ def main(
         warmup=warmup, max_seq_len=max_seq_len, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, lora_targets=names(lora_targets), optimizer=optimizer, lr=lr, allocator=allocator,
         compare_hf=compare == "hf", simulate_oom=names(simulate_oom), timelines=names(timelines), timeout_s=timeout_s,
-        command="python " + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), run_dir=Path(run_dir),
+        command=shlex.join(["python", *sys.orig_argv[1:]]), run_dir=Path(run_dir),
         extra={"commit": git_commit()},
     )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)

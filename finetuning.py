@@ -228,5 +228,11 @@ def write_summary(path: Path, steps: list[dict], settings: dict):
 
 
 if __name__ == "__main__":
-    retain_freed_memory()
-    run(main)
+    if "--benchmark" in sys.argv[1:]:  # `finetuning.py --benchmark [flags]` runs benchmark_finetuning.py [flags]
+        sys.argv.remove("--benchmark")
+        from benchmark_finetuning import main as benchmark
+
+        run(benchmark)
+    else:
+        retain_freed_memory()
+        run(main)
