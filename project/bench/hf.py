@@ -1,0 +1,94 @@
+"""The Hugging Face side of `--compare hf`: transformers' `generate` on the same weights and prompt.
+
+Imported only inside a benchmark subprocess; the model library never imports transformers.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from llama.checkpoint import DEFAULT_CKPT_DIR
+from llama.errors import UserError
+from llama.runtime import DTYPES, synchronize
+from project.bench.config import Job
+from project.bench.measure import measure, memory_in_use
+from project.bench.prompt import tokens_sha
+from project.memory import parameter_bytes
+
+
+def hf_source(ckpt_dir) -> tuple[str, dict]:
+    """(path, from_pretrained kwargs) for a checkpoint transformers loads as it is: a GGUF file or an HF folder."""
+    path = Path(ckpt_dir).expanduser() if ckpt_dir else DEFAULT_CKPT_DIR
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1 and not (path / "config.json").exists():
+        return str(path), {"gguf_file": ggufs[0].name}
+    if (path / "config.json").exists():
+        return str(path), {}
+    raise UserError(f"--compare hf cannot load {path} directly; it needs a Hugging Face folder or a GGUF file")
+
+
+def run_hf(job: Job, device: torch.device, result: dict, simulate_oom: bool = False) -> list[dict]:
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    if not job.prompt:
+        raise UserError("the Hugging Face run needs the prompt ids of our run (it ran out before building them)")
+    path, kwargs = (job.hf_dir, {}) if job.hf_dir else hf_source(job.ckpt_dir)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype], attn_implementation="sdpa", **kwargs)
+    model = model.to(device).eval()
+    result.update(
+        load_s=time.perf_counter() - start, prompt=job.prompt, weights_bytes=parameter_bytes(model),
+        baseline_bytes=memory_in_use(device), transformers_version=transformers.__version__,
+        hf_source=str(Path(path) / kwargs.get("gguf_file", "")),
+    )  # fmt: skip
+    if simulate_oom:
+        raise torch.OutOfMemoryError("simulated by LLAMA_BENCH_SIMULATE_OOM")
+    ids = torch.tensor([job.prompt] * job.batch_size, device=device)
+    n = job.output_len
+    # Greedy, exactly n new tokens: no EOS (so nothing stops early or masks a logit), no sampling settings.
+    config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=job.kv_cache,
+                              eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)  # fmt: skip
+
+    class FirstLogits(LogitsProcessor):
+        """Notes when the prompt's forward pass has produced the first logits (the end of prefill)."""
+
+        def __init__(self):
+            self.at = None
+
+        def __call__(self, input_ids, scores):
+            if self.at is None:
+                synchronize(device)
+                self.at = time.perf_counter()
+            return scores
+
+    def generate_once() -> dict:
+        first = FirstLogits()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                 logits_processor=LogitsProcessorList([first]))  # fmt: skip
+        synchronize(device)
+        end = time.perf_counter()
+        new = out.sequences[:, ids.shape[1] :]
+        if new.shape[1] != n:
+            raise RuntimeError(f"transformers generated {new.shape[1]} tokens instead of {n}")
+        return dict(prefill_s=first.at - start, decode_s=end - first.at, kv_cache_bytes=cache_bytes(out),
+                    n_generated=new.shape[1], tokens_sha=tokens_sha(new.tolist()))  # fmt: skip
+
+    return measure(generate_once, device, job.warmup, job.repeats)
+
+
+def cache_bytes(out) -> int:
+    """Bytes of the key/value tensors in the cache generate returns (0 without a cache)."""
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        return 0
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return sum(t.nbytes for layer in layers for t in (layer.keys, layer.values) if torch.is_tensor(t))
+    return sum(t.nbytes for kv in cache for t in kv if torch.is_tensor(t))

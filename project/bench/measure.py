@@ -1,0 +1,39 @@
+"""Timing and peak memory of repeated generate calls, measured inside the benchmark's subprocess."""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Callable
+
+import torch
+
+from llama.runtime import synchronize
+from project.memory import PeakMemory, rss_bytes
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes held now: the CUDA allocator's live tensors, or (CPU, MPS) the process's resident memory."""
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return rss_bytes()
+
+
+def measure(generate_once: Callable[[], dict], device: torch.device, warmup: int, repeats: int) -> list[dict]:
+    """Call generate_once() warmup + repeats times; for each measured call return its dict plus
+    wall_s (synchronised before and after), peak_bytes (CUDA: max allocated; CPU: peak RSS, reset just
+    before the call where the OS allows it), peak_reserved_bytes (CUDA allocator's reserve) and peak_reset."""
+    runs = []
+    for i in range(warmup + repeats):
+        gc.collect()
+        with PeakMemory(device) as peak:
+            synchronize(device)
+            start = time.perf_counter()
+            result = generate_once()
+            synchronize(device)
+            wall = time.perf_counter() - start
+        if i >= warmup:
+            runs.append(dict(result, repeat=i - warmup, wall_s=wall, peak_bytes=peak.peak,
+                             peak_reserved_bytes=peak.reserved, peak_reset=peak.reset_ok))  # fmt: skip
+    return runs

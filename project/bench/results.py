@@ -1,0 +1,225 @@
+"""From subprocess results to files: results.csv (one row per configuration and repeat), summary.csv
+(one row per configuration: medians and spread), report.md (tables laid out like Table 1) and plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from llama.checkpoint import atomic_write
+from project.bench.config import Job
+from project.bench.prompt import tokens_sha
+
+MiB = 1 << 20
+KEYS = ["engine", "kv_cache", "batch_size", "input_len", "output_len"]
+CSV_COLUMNS = KEYS + [
+    "repeat", "status", "wall_s", "prefill_s", "decode_s", "ms_per_token", "tokens_per_s", "decode_tokens_per_s",
+    "peak_mib", "peak_above_weights_mib", "peak_reserved_mib", "weights_mib", "baseline_mib", "kv_cache_bytes",
+    "n_generated", "tokens_sha", "prompt_sha", "peak_reset", "model", "device", "device_name", "dtype", "threads",
+    "torch_version", "transformers_version", "commit", "message",
+]  # fmt: skip
+ENGINE_NAMES = {"ours": "ours (llama/)", "hf": "Hugging Face transformers"}
+
+
+def rows(done: list[tuple[Job, dict]], meta: dict) -> list[dict]:
+    """One row per measured repeat; a configuration that failed (OOM, error) gets one row with its status."""
+    out = []
+    for job, res in done:
+        base = {
+            "engine": job.engine, "kv_cache": "on" if job.kv_cache else "off", "batch_size": job.batch_size,
+            "input_len": job.input_len, "output_len": job.output_len, "status": res["status"],
+            "prompt_sha": tokens_sha([res["prompt"]]) if res.get("prompt") else "",
+            "weights_mib": res.get("weights_bytes", 0) / MiB if "weights_bytes" in res else None,
+            "baseline_mib": res.get("baseline_bytes", 0) / MiB if "baseline_bytes" in res else None,
+            "device_name": res.get("device_name", meta.get("device_name", "")),
+            "transformers_version": res.get("transformers_version", "") if job.engine == "hf" else "",
+            "message": res.get("message", ""),
+            **{k: meta[k] for k in ("model", "device", "dtype", "threads", "torch_version", "commit")},
+        }  # fmt: skip
+        if res["status"] != "ok":
+            out.append(base)
+            continue
+        for r in res["runs"]:
+            n_tok = job.batch_size * job.output_len
+            decode_tokens = job.batch_size * (job.output_len - 1)
+            out.append({
+                **base, "repeat": r["repeat"], "wall_s": r["wall_s"], "prefill_s": r["prefill_s"],
+                "decode_s": r["decode_s"], "ms_per_token": 1000 * r["wall_s"] / job.output_len,
+                "tokens_per_s": n_tok / r["wall_s"],
+                "decode_tokens_per_s": decode_tokens / r["decode_s"] if decode_tokens and r["decode_s"] > 0 else None,
+                "peak_mib": r["peak_bytes"] / MiB, "peak_above_weights_mib": (r["peak_bytes"] - res["baseline_bytes"]) / MiB,
+                "peak_reserved_mib": r["peak_reserved_bytes"] / MiB if r["peak_reserved_bytes"] else None,
+                "kv_cache_bytes": r["kv_cache_bytes"], "n_generated": r["n_generated"], "tokens_sha": r["tokens_sha"],
+                "peak_reset": r["peak_reset"],
+            })  # fmt: skip
+    return out
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration: status, median of every measure, min/max of the wall time, and the
+    tokens' fingerprint (the same in every repeat of a configuration, else 'varies')."""
+    numeric = ["wall_s", "prefill_s", "decode_s", "ms_per_token", "tokens_per_s", "decode_tokens_per_s", "peak_mib",
+               "peak_above_weights_mib", "peak_reserved_mib", "weights_mib", "kv_cache_bytes"]  # fmt: skip
+    out = []
+    for key, g in df.groupby(KEYS, sort=False):
+        row = dict(zip(KEYS, key), status=g["status"].iloc[0], repeats=int(g["repeat"].notna().sum()))
+        ok = g[g["status"] == "ok"]
+        for c in numeric:
+            row[c] = pd.to_numeric(ok[c]).median() if len(ok) else None
+        row["wall_min_s"] = ok["wall_s"].min() if len(ok) else None
+        row["wall_max_s"] = ok["wall_s"].max() if len(ok) else None
+        shas = set(ok["tokens_sha"])
+        row["tokens_sha"] = shas.pop() if len(shas) == 1 else ("varies" if shas else "")
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def write_csv(df: pd.DataFrame, path: Path):
+    atomic_write(path, lambda f: f.write(df.to_csv(index=False).encode()))
+
+
+# ---- markdown ------------------------------------------------------------------------------------------------
+def _cell(s: pd.DataFrame, kv: str, b: int, fmt) -> str:
+    row = s[(s.kv_cache == kv) & (s.batch_size == b)]
+    if row.empty:
+        return "–"
+    row = row.iloc[0]
+    if row.status == "OOM":
+        return "× (OOM)"
+    if row.status != "ok":
+        return "error"
+    return fmt(row)
+
+
+def _runtime(r) -> str:
+    spread = f" ({r.wall_min_s:.2f}–{r.wall_max_s:.2f})" if r.repeats > 1 else ""
+    return f"{r.wall_s:.2f}{spread}"
+
+
+METRICS = [
+    ("peak memory (MiB)", lambda r: f"{r.peak_mib:,.0f}"),
+    ("peak above weights (MiB)", lambda r: f"{r.peak_above_weights_mib:,.0f}"),
+    ("runtime (s)", _runtime),
+    ("tokens/s", lambda r: f"{r.tokens_per_s:,.1f}"),
+]
+
+
+def table1(s: pd.DataFrame) -> list[str]:
+    """Rows: with / without KV cache × peak memory, runtime, tokens/s; columns: batch sizes."""
+    batches = sorted(s.batch_size.unique())
+    lines = ["| KV cache | | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|---|---|" + "---:|" * len(batches)]  # fmt: skip
+    for kv in [k for k in ("on", "off") if k in set(s.kv_cache)]:
+        for i, (name, fmt) in enumerate(METRICS):
+            head = f"**{'with' if kv == 'on' else 'without'} KV cache**" if i == 0 else ""
+            lines.append(f"| {head} | {name} | " + " | ".join(_cell(s, kv, b, fmt) for b in batches) + " |")
+    if {"on", "off"} <= set(s.kv_cache):
+        lines.append("| | **runtime without ÷ with cache** | " + " | ".join(_ratio(s, s, "off", "on", b, "wall_s") for b in batches) + " |")
+        lines.append("| | same tokens with and without cache | " + " | ".join(_same(s, s, "on", "off", b) for b in batches) + " |")
+    return lines
+
+
+def _get(s, kv, b):
+    row = s[(s.kv_cache == kv) & (s.batch_size == b) & (s.status == "ok")]
+    return None if row.empty else row.iloc[0]
+
+
+def _ratio(num, den, kv_num, kv_den, b, col) -> str:
+    n, d = _get(num, kv_num, b), _get(den, kv_den, b)
+    return "–" if n is None or d is None else f"{n[col] / d[col]:.2f}×"
+
+
+def _same(a, b_, kv_a, kv_b, b) -> str:
+    x, y = _get(a, kv_a, b), _get(b_, kv_b, b)
+    return "–" if x is None or y is None else ("yes" if x.tokens_sha == y.tokens_sha else "no")
+
+
+def comparison(ours: pd.DataFrame, hf: pd.DataFrame) -> list[str]:
+    """Hugging Face ÷ ours per cache mode and batch size (above 1: ours is faster / smaller)."""
+    batches = sorted(set(ours.batch_size) | set(hf.batch_size))
+    lines = ["| KV cache | HF ÷ ours | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|---|---|" + "---:|" * len(batches)]  # fmt: skip
+    for kv in [k for k in ("on", "off") if k in set(ours.kv_cache)]:
+        label = f"**{'with' if kv == 'on' else 'without'} KV cache**"
+        for i, (name, col) in enumerate([("runtime", "wall_s"), ("peak memory", "peak_mib"),
+                                         ("peak above weights", "peak_above_weights_mib")]):  # fmt: skip
+            cells = " | ".join(_ratio(hf, ours, kv, kv, b, col) for b in batches)
+            lines.append(f"| {label if i == 0 else ''} | {name} | {cells} |")
+        lines.append("| | same tokens as ours | " + " | ".join(_same(ours, hf, kv, kv, b) for b in batches) + " |")
+    return lines
+
+
+def details(s: pd.DataFrame) -> list[str]:
+    cols = ["engine", "kv_cache", "batch_size", "input_len", "output_len", "status", "prefill_s", "decode_s",
+            "ms_per_token", "decode_tokens_per_s", "weights_mib", "kv_cache_bytes", "peak_reserved_mib", "tokens_sha"]  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in s.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            if v is None or (isinstance(v, float) and pd.isna(v)):
+                cells.append("")
+            elif c == "kv_cache_bytes":
+                cells.append(f"{int(v):,}")
+            elif isinstance(v, float):
+                cells.append(f"{v:.3f}" if c in ("prefill_s", "decode_s") else f"{v:,.1f}")
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(summary: pd.DataFrame, meta: dict, plots: list[str]) -> str:
+    lines = [f"# Inference benchmark: {meta['model']}", "",
+             f"Produced by `{meta['command']}` on {meta['date']} (commit {meta['commit']}).", "",
+             f"- device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads; dtype {meta['dtype']}",
+             f"- torch {meta['torch_version']}" + (f", transformers {meta['transformers_version']}" if meta.get("transformers_version") else ""),
+             f"- greedy decoding, exactly `output_len` new tokens per row (no stop at EOS); every row of a batch is the "
+             f"same prompt of exactly `input_len` tokens; each configuration in a fresh process; "
+             f"{meta['warmup']} warm-up run(s), then the median of {meta['repeats']} (min–max in brackets)",
+             f"- peak memory: {meta['memory_note']}", ""]  # fmt: skip
+    for (i, o), s in summary.groupby(["input_len", "output_len"], sort=False):
+        for engine, se in s.groupby("engine", sort=False):
+            lines += [f"## {ENGINE_NAMES.get(engine, engine)}: prompt {i} tokens, {o} new tokens", ""] + table1(se) + [""]
+        if {"ours", "hf"} <= set(s.engine):
+            lines += [f"## Hugging Face ÷ ours: prompt {i} tokens, {o} new tokens", ""]
+            lines += comparison(s[s.engine == "ours"], s[s.engine == "hf"]) + [""]
+    lines += ["## Every configuration (medians)", ""] + details(summary) + [""]
+    lines += [f"![{p}]({p})" for p in plots]
+    lines += ["", "Columns are explained in the README's section *Inference benchmark (benchmark_inference.py)*; "
+              "every repeat is in `results.csv`.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+# ---- plots ---------------------------------------------------------------------------------------------------
+def plots(summary: pd.DataFrame, out: Path) -> list[str]:
+    """Runtime and peak memory versus batch size (when several) and versus output length (when several)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summary[summary.status == "ok"]
+    made = []
+    for x, other, name in (("batch_size", "output_len", "vs_batch_size.png"), ("output_len", "batch_size", "vs_output_len.png")):
+        if s[x].nunique() < 2:
+            continue
+        panels = [("wall_s", "runtime (s)"), ("peak_mib", "peak memory (MiB)")]
+        if x == "output_len":
+            panels.append(("ms_per_token", "time per output token (ms)"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
+        for ax, (col, label) in zip(axes, panels):
+            for (engine, kv, i, o_val), g in s.groupby(["engine", "kv_cache", "input_len", other]):
+                g = g.sort_values(x)
+                style = "-" if kv == "on" else "--"
+                ax.plot(g[x], g[col], style, marker="o" if engine == "ours" else "s",
+                        label=f"{engine}, cache {kv}, {other.replace('_', ' ')} {o_val}, prompt {i}")  # fmt: skip
+            ax.set_xlabel(x.replace("_", " "))
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        atomic_write(out / name, lambda f: fig.savefig(f, format="png", dpi=110))
+        plt.close(fig)
+        made.append(name)
+    return made
