@@ -1,0 +1,143 @@
+"""benchmark_inference.py end to end on a tiny checkpoint: the files it writes, OOM handling, and that the
+numbers it records agree with hand-worked values (KV cache bytes, token counts, throughput arithmetic)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import run_script, tiny_model
+from llama.checkpoint import LLAMA3_TOKENIZER, load_checkpoint, save_hf
+from llama.errors import UserError
+from llama.tokenizer import Llama3Tokenizer
+from project.bench.config import int_list
+from project.bench.prompt import prompt_tokens
+
+IN_LEN, OUT_LEN, REPEATS = 12, 5, 2
+COLUMNS = [
+    "engine", "kv_cache", "batch_size", "input_len", "output_len", "repeat", "status", "wall_s", "prefill_s",
+    "decode_s", "ms_per_token", "tokens_per_s", "decode_tokens_per_s", "peak_mib", "peak_above_weights_mib",
+    "weights_mib", "kv_cache_bytes", "n_generated", "tokens_sha", "prompt_sha", "device", "dtype", "threads",
+    "torch_version", "commit",
+]  # fmt: skip
+
+
+def sha(rows) -> str:
+    return hashlib.sha256(json.dumps([[int(t) for t in r] for r in rows]).encode()).hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A 2-layer random model with the Llama 3 vocabulary, saved in Hugging Face layout with its tokenizer."""
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    save_hf(tiny_model(seed=3, vocab_size=128256, max_seq_len=64), path)
+    shutil.copy(LLAMA3_TOKENIZER, path / "tokenizer.model")
+    return path
+
+
+def bench(tiny_ckpt, out, *extra):
+    proc = run_script("benchmark_inference.py", "--ckpt_dir", tiny_ckpt, "--input_lens", IN_LEN, "--output_lens",
+                      OUT_LEN, "--repeats", REPEATS, "--warmup", 1, "--device", "cpu", "--dtype", "fp32",
+                      "--threads", 1, "--out", out, *extra)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_end_to_end_csv_markdown_and_oom(tiny_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    monkeypatch.setenv("LLAMA_BENCH_SIMULATE_OOM", "batch_size=2,kv_cache=off")  # the worker raises OutOfMemoryError
+    proc = bench(tiny_ckpt, out, "--batch_sizes", "1,2", "--kv", "both")
+    assert proc.stderr.count("] ours kv") == 4  # one progress line per configuration
+    df = pd.read_csv(out / "results.csv")
+    assert set(COLUMNS) <= set(df.columns)
+
+    # One row per configuration and repeat; the simulated OOM is one row marked OOM, and the sweep went on.
+    counts = df.groupby(["batch_size", "kv_cache"]).size().to_dict()
+    assert counts == {(1, "on"): REPEATS, (1, "off"): REPEATS, (2, "on"): REPEATS, (2, "off"): 1}
+    oom = df[(df.batch_size == 2) & (df.kv_cache == "off")].iloc[0]
+    assert oom.status == "OOM" and pd.isna(oom.wall_s)
+    ok = df[df.status == "ok"]
+    assert len(ok) == 3 * REPEATS
+
+    numeric = ["wall_s", "prefill_s", "decode_s", "ms_per_token", "tokens_per_s", "peak_mib", "weights_mib", "kv_cache_bytes"]
+    assert (ok[numeric] >= 0).all().all() and ok[numeric].notna().all().all()
+    assert (ok.prefill_s > 0).all() and (ok.decode_s > 0).all()
+    assert (ok.prefill_s + ok.decode_s <= ok.wall_s + 1e-6).all()  # both phases lie inside the timed call
+    assert ok.tokens_per_s.values == pytest.approx((ok.batch_size * OUT_LEN / ok.wall_s).values)
+    assert ok.ms_per_token.values == pytest.approx((1000 * ok.wall_s / OUT_LEN).values)
+    assert (ok.n_generated == OUT_LEN).all()
+    assert ok.device.eq("cpu").all() and ok.dtype.eq("fp32").all() and ok.threads.eq(1).all()
+    assert ok.torch_version.eq(torch.__version__).all()
+
+    # KV cache bytes by hand: k and v, 2 layers, batch, 2 kv heads, (prompt + new) positions, head dim 16, 4 bytes.
+    on = ok[ok.kv_cache == "on"]
+    assert (on.kv_cache_bytes == 2 * 2 * on.batch_size * 2 * (IN_LEN + OUT_LEN) * 16 * 4).all()
+    assert (ok[ok.kv_cache == "off"].kv_cache_bytes == 0).all()
+    # fp32 weights: embedding + output (128256 x 64 each), per layer wq, wo (64 x 64), wk, wv (32 x 64),
+    # w1, w2, w3 (96 x 64) and two norms, plus the final norm.
+    n_params = 2 * 128256 * 64 + 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96 + 2 * 64) + 64
+    assert ok.weights_mib.values == pytest.approx(n_params * 4 / 2**20)
+
+    # Same prompt everywhere; cache on and off generate the same tokens, and they are greedy decoding's tokens.
+    model, tok = load_checkpoint(tiny_ckpt, torch.float32, "cpu")
+    prompt = prompt_tokens(tok, IN_LEN)
+    assert df.prompt_sha.nunique() == 1 and df.prompt_sha.iloc[0] == sha([prompt])
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(OUT_LEN):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected = ids[0, IN_LEN:].tolist()
+    b1 = ok[ok.batch_size == 1]
+    assert set(b1.tokens_sha) == {sha([expected])}
+    assert set(ok[ok.batch_size == 2].tokens_sha) == {sha([expected, expected])}
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 4
+    md = (out / "report.md").read_text()
+    assert "python benchmark_inference.py --ckpt_dir" in md and "device: cpu" in md and torch.__version__ in md
+    assert "| KV cache | | batch 1 | batch 2 |" in md
+    for label in ("**with KV cache**", "**without KV cache**", "peak memory (MiB)", "runtime (s)", "tokens/s"):
+        assert label in md
+    assert "× (OOM)" in md
+    assert "| | same tokens with and without cache | yes | – |" in md
+    assert (out / "vs_batch_size.png").stat().st_size > 0
+
+
+def test_prompt_has_exact_length():
+    tok = Llama3Tokenizer(LLAMA3_TOKENIZER)
+    for n in (1, 7, 256, 1000):
+        ids = prompt_tokens(tok, n)
+        assert len(ids) == n and ids[0] == tok.bos_id
+    assert prompt_tokens(tok, 300)[:256] == prompt_tokens(tok, 256)
+
+
+def test_list_flags():
+    assert int_list((1, 8, 16), "batch_sizes") == [1, 8, 16]
+    assert int_list(4, "batch_sizes") == [4]
+    assert int_list("1,2", "batch_sizes") == [1, 2]
+    for bad in ("a,b", 0, ()):
+        with pytest.raises(UserError):
+            int_list(bad, "batch_sizes")
+
+
+def test_bad_flag_is_one_line_error(tiny_ckpt, tmp_path):
+    proc = run_script("benchmark_inference.py", "--ckpt_dir", tiny_ckpt, "--kv", "maybe", "--out", tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --kv must be on, off or both")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_compare_hf_same_tokens(tiny_ckpt, tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench"
+    bench(tiny_ckpt, out, "--batch_sizes", "2", "--kv", "both", "--compare", "hf")
+    df = pd.read_csv(out / "results.csv")
+    assert set(df.engine) == {"ours", "hf"} and (df.status == "ok").all()
+    assert df.tokens_sha.nunique() == 1  # ours and transformers, with and without cache: the same greedy tokens
+    assert df.prompt_sha.nunique() == 1
+    assert "## Hugging Face ÷ ours" in (out / "report.md").read_text()
