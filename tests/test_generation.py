@@ -47,10 +47,9 @@ def test_greedy_cache_on_off_and_batch_rows_identical(tiny_llama):
 def test_greedy_default_model_cache_on_off_and_batch(default_model):
     model, tok = default_model
     llama = Llama(model, tok, torch.device("cpu"))
-    prompts = [
-        tok.encode_dialog([{"role": "user", "content": "What is the capital of France?"}]),
+    prompts = [  # short prompts of different lengths keep the cache-off runs cheap
+        tok.encode_dialog([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]),
         tok.encode("def fibonacci(n):"),
-        tok.encode("Once upon a time, in a small village by the sea,"),
     ]
     singles = [greedy(llama, [p], True, n=8, stop_at_eos=False)[0] for p in prompts]
     assert [greedy(llama, [p], False, n=8, stop_at_eos=False)[0] for p in prompts] == singles
