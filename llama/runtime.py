@@ -37,13 +37,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN computes bf16 in hardware (AVX-512 BF16 / AMX on x86, BF16 extensions on Arm).
+
+    Elsewhere (e.g. AVX2-only CPUs) bf16 matmuls are emulated and several times slower than fp32.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 where the device computes it natively (CPU, recent CUDA), else fp16 (e.g. a P100, MPS)."""
+    """'auto': bf16 where the device computes it natively, else fp16 on GPUs (e.g. a P100) and MPS, fp32 on CPUs."""
     name = str(name).lower()
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device.type == "mps" else torch.bfloat16
+        if device.type == "mps":
+            return torch.float16
+        if cpu_has_native_bf16():
+            return torch.bfloat16
+        log(f"dtype auto: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, using fp32")
+        return torch.float32
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}: use auto, fp32, bf16 or fp16")
     return DTYPES[name]
