@@ -49,10 +49,6 @@ def run_hf(job: Job, device: torch.device, result: dict, simulate_oom: bool = Fa
     if simulate_oom:
         raise torch.OutOfMemoryError("simulated by LLAMA_BENCH_SIMULATE_OOM")
     ids = torch.tensor([job.prompt] * job.batch_size, device=device)
-    n = job.output_len
-    # Greedy, exactly n new tokens: no EOS (so nothing stops early or masks a logit), no sampling settings.
-    config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=job.kv_cache,
-                              eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)  # fmt: skip
 
     class FirstLogits(LogitsProcessor):
         """Notes when the prompt's forward pass has produced the first logits (the end of prefill)."""
@@ -66,7 +62,10 @@ def run_hf(job: Job, device: torch.device, result: dict, simulate_oom: bool = Fa
                 self.at = time.perf_counter()
             return scores
 
-    def generate_once() -> dict:
+    def generate_once(n: int) -> dict:
+        # Greedy, exactly n new tokens: no EOS (nothing stops early or masks a logit), no sampling settings.
+        config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=job.kv_cache,
+                                  eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)  # fmt: skip
         first = FirstLogits()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -80,7 +79,7 @@ def run_hf(job: Job, device: torch.device, result: dict, simulate_oom: bool = Fa
         return dict(prefill_s=first.at - start, decode_s=end - first.at, kv_cache_bytes=cache_bytes(out),
                     n_generated=new.shape[1], tokens_sha=tokens_sha(new.tolist()))  # fmt: skip
 
-    return measure(generate_once, device, job.warmup, job.repeats)
+    return measure(generate_once, device, job.warmup, job.repeats, job.output_len)
 
 
 def cache_bytes(out) -> int:

@@ -20,8 +20,12 @@ def memory_in_use(device: torch.device) -> int:
     return rss_bytes()
 
 
-def measure(generate_once: Callable[[], dict], device: torch.device, warmup: int, repeats: int) -> list[dict]:
-    """Call generate_once() warmup + repeats times; for each measured call return its dict plus
+WARMUP_TOKENS = 2  # a warm-up runs the prefill and one decode step: every kernel and buffer gets created
+
+
+def measure(generate_once: Callable[[int], dict], device: torch.device, warmup: int, repeats: int, n_new: int) -> list[dict]:
+    """Call generate_once(WARMUP_TOKENS) warmup times, then generate_once(n_new) repeats times; return,
+    for each measured call, its dict plus
     wall_s (synchronised before and after), peak_bytes (CUDA: max allocated; CPU: peak RSS, reset just
     before the call where the OS allows it), peak_reserved_bytes (CUDA allocator's reserve) and peak_reset."""
     runs = []
@@ -30,7 +34,7 @@ def measure(generate_once: Callable[[], dict], device: torch.device, warmup: int
         with PeakMemory(device) as peak:
             synchronize(device)
             start = time.perf_counter()
-            result = generate_once()
+            result = generate_once(n_new if i >= warmup else min(n_new, WARMUP_TOKENS))
             synchronize(device)
             wall = time.perf_counter() - start
         if i >= warmup:

@@ -176,7 +176,7 @@ def report(summary: pd.DataFrame, meta: dict, plots: list[str]) -> str:
              f"- torch {meta['torch_version']}" + (f", transformers {meta['transformers_version']}" if meta.get("transformers_version") else ""),
              f"- greedy decoding, exactly `output_len` new tokens per row (no stop at EOS); every row of a batch is the "
              f"same prompt of exactly `input_len` tokens; each configuration in a fresh process; "
-             f"{meta['warmup']} warm-up run(s), then the median of {meta['repeats']} (min–max in brackets)",
+             f"{meta['warmup']} warm-up run(s) of 2 new tokens, then the median of {meta['repeats']} (min–max in brackets)",
              f"- peak memory: {meta['memory_note']}", ""]  # fmt: skip
     for (i, o), s in summary.groupby(["input_len", "output_len"], sort=False):
         for engine, se in s.groupby("engine", sort=False):

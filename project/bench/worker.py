@@ -48,12 +48,12 @@ def run_ours(job: Job, device: torch.device, result: dict) -> list[dict]:
     if simulated_oom(job):
         raise torch.OutOfMemoryError(f"simulated by {SIMULATE_OOM}")
 
-    def generate_once() -> dict:
-        out = llama.generate(batch, job.output_len, use_kv_cache=job.kv_cache, stop_at_eos=False)
+    def generate_once(n: int) -> dict:
+        out = llama.generate(batch, n, use_kv_cache=job.kv_cache, stop_at_eos=False)
         return dict(prefill_s=out.prefill_s, decode_s=out.decode_s, kv_cache_bytes=out.kv_cache_bytes,
                     n_generated=min(len(t) for t in out.tokens), tokens_sha=tokens_sha(out.tokens))  # fmt: skip
 
-    return measure(generate_once, device, job.warmup, job.repeats)
+    return measure(generate_once, device, job.warmup, job.repeats, job.output_len)
 
 
 def main(job_path: str, result_path: str):
