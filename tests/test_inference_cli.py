@@ -23,7 +23,7 @@ def assert_paris(proc):
 @pytest.mark.slow
 def test_no_arguments_answers_the_capital_of_france():
     """The documented first run: three chat prompts, 64 new tokens each, on the embedded default model."""
-    assert_paris(run_script("inference.py"))
+    assert_paris(run_script("inference.py", timeout=1800))
 
 
 def test_capital_of_france_short():
