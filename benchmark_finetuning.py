@@ -62,7 +62,8 @@ def main(
     steps of one micro-batch. allocator: tuned (glibc malloc keeps freed
     memory, Linux CPU; see project/allocator.py), default (glibc's own settings) or inherit (this shell's).
     compare: hf to also run Hugging Face transformers + peft. timelines: configurations whose step is
-    profiled into a memory timeline. simulate_oom: configurations that fake an out-of-memory error.
+    profiled into a memory timeline. timeout_s: seconds a configuration may take (loading included) before
+    it is recorded as timeout. simulate_oom: configurations that fake an out-of-memory error.
     """
     out_dir = Path(out)
     csv_path = out_dir / CSV_NAME

@@ -273,11 +273,15 @@ def environment(device: torch.device) -> dict:
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+        native = {"bf16_native": torch.cuda.is_bf16_supported(), "fp16_native": True}
     else:
-        name = _cpu_name()
+        name = f"{_cpu_name()}, {torch.backends.cpu.get_cpu_capability()}"
+        # Without AVX512-BF16 / AMX (oneDNN's check) bf16 matmuls fall back to slow, unthreaded kernels.
+        native = {"bf16_native": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                  "fp16_native": torch.ops.mkldnn._is_mkldnn_fp16_supported()}  # fmt: skip
     return {
         "device_name": name, "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "torch": torch.__version__, "numpy": numpy.__version__, "allocator": allocator_settings(),
+        "torch": torch.__version__, "numpy": numpy.__version__, "allocator": allocator_settings(), **native,
     }  # fmt: skip
 
 

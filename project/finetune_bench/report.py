@@ -253,6 +253,17 @@ def _unique(frame: pd.DataFrame, col: str) -> str:
     return "; ".join(values) if values else "n/a"
 
 
+def _native_note(frame: pd.DataFrame) -> list[str]:
+    """Say so when the device has no native low-precision matmul for the autocast dtype used."""
+    dtypes = set(frame[frame.mixed_precision].autocast)
+    slow = sorted(d for d in dtypes if f"{d}_native" in frame and frame[f"{d}_native"].eq(False).any())
+    if not slow:
+        return []
+    return [f"This device has no native {'/'.join(slow)} matrix multiply (oneDNN needs AVX512-BF16 or AMX): "
+            "autocast then runs its matmuls in slow, single-threaded fallback kernels, so here the mixed-precision "
+            "configurations are slow (or time out) for want of hardware support, not because of the technique."]  # fmt: skip
+
+
 def write_report(csv_path: Path, out_dir: Path) -> Path:
     """README.md, peak_and_time.png, memory_breakdown.png and timeline.png in out_dir, from csv_path."""
     frame = pd.read_csv(csv_path)
@@ -293,7 +304,9 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
          "before them); *above idle* subtracts the resident memory after loading the model and building the "
          "optimizer, before the first step." if cpu else
          "Peak allocated / reserved: torch.cuda.max_memory_allocated / max_memory_reserved over the measured steps."),
-        "Each configuration ran in its own fresh process. `OOM (×)`: the configuration ran out of memory.", "",
+        "Each configuration ran in its own fresh process. `OOM (×)`: the configuration ran out of memory; "
+        "`timeout (×)`: it did not finish within the command's `--timeout_s` (loading included).",
+        *_native_note(frame), "",
         "## Table 2: what each technique does to each part of memory", "",
         *table2(frame), "",
         f"Each technique alone against vanilla (same examples). ↑ / ↓: the part grows / shrinks by at least "

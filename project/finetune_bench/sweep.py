@@ -134,7 +134,7 @@ def run_child(stack: str, spec: Spec, env: dict, folder: Path, timeout_s: Option
             proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
-            return {"status": "error", "error": f"timed out after {timeout_s:.0f} s"}
+            return {"status": "timeout", "error": f"did not finish within --timeout_s {timeout_s:g} s"}
     if result_path.exists():
         return json.loads(result_path.read_text())
     if rc == -signal.SIGKILL:
