@@ -39,7 +39,6 @@ from project.memory import (
     optimizer_state_bytes,
     parameter_bytes,
     rss_bytes,
-    storage_ptrs,
 )
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 
 from llama.checkpoint import atomic_write
 
-from .configs import ALL_ON, VANILLA
+from .configs import VANILLA
 
 THRESHOLD = 0.05  # |change| below 5% of the vanilla value counts as "no significant change" (−)
 PARTS = [  # (CSV column, Table 2 / plot label)
