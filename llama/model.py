@@ -161,10 +161,15 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
-        # Without a mask, either the queries start at position 0 (plain causal) or T == 1 and the one new
-        # token may attend to every cached key.
-        causal = mask is None and T > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        if T == 1:
+            # One new token may attend to every cached key (mask, if any, hides padding). Folding each
+            # group's H // K query heads into the query length makes this plain K-head attention, which on
+            # CPU runs several times faster than SDPA's grouped-query path (in bf16 especially).
+            q = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, 1, self.head_dim)
+        else:
+            # Without a mask the queries start at position 0: plain causal.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
