@@ -117,6 +117,17 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def memory_in_use(device: torch.device) -> int:
+    """Bytes held now: live tensors of the CUDA/MPS allocator, or (CPU) the process's resident memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    if device.type == "mps":
+        return torch.mps.current_allocated_memory()
+    return rss_bytes()
+
+
 class PeakMemory:
     """Peak memory over a `with` block, on the device that holds the model.
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from llama.errors import UserError
 from llama.runtime import DTYPES, log
 
 from .data import IGNORE_INDEX, Dataset, collate
+from .memory import memory_in_use
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
@@ -180,24 +180,6 @@ def steps_per_epoch(n_examples: int, cfg: TrainConfig) -> int:
 def total_steps(n_examples: int, cfg: TrainConfig) -> int:
     steps = cfg.epochs * steps_per_epoch(n_examples, cfg)
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
-
-
-# ---- memory ----------------------------------------------------------------------------------------------
-def memory_in_use(device: torch.device) -> int:
-    """Bytes: CUDA/MPS allocated by tensors; CPU the process's resident set."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    if device.type == "mps":
-        return torch.mps.current_allocated_memory()
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: peak resident set instead (bytes on macOS, KiB elsewhere)
-        import resource
-        import sys
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss if sys.platform == "darwin" else rss * 1024
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------

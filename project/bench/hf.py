@@ -13,7 +13,7 @@ from llama.checkpoint import DEFAULT_CKPT_DIR
 from llama.errors import UserError
 from llama.runtime import DTYPES, synchronize
 from project.bench.config import Job
-from project.bench.measure import measure, memory_in_use
+from project.bench.measure import measure, settled_memory
 from project.bench.prompt import tokens_sha
 from project.memory import parameter_bytes
 
@@ -43,7 +43,7 @@ def run_hf(job: Job, device: torch.device, result: dict, simulate_oom: bool = Fa
     model = model.to(device).eval()
     result.update(
         load_s=time.perf_counter() - start, prompt=job.prompt, weights_bytes=parameter_bytes(model),
-        baseline_bytes=memory_in_use(device), transformers_version=transformers.__version__,
+        baseline_bytes=settled_memory(device), transformers_version=transformers.__version__,
         hf_source=str(Path(path) / kwargs.get("gguf_file", "")),
     )  # fmt: skip
     if simulate_oom:

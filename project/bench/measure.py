@@ -8,16 +8,13 @@ from typing import Callable
 import torch
 
 from llama.runtime import synchronize
-from project.memory import PeakMemory, rss_bytes
+from project.memory import PeakMemory, memory_in_use
 
 
-def memory_in_use(device: torch.device) -> int:
-    """Bytes held now: the CUDA allocator's live tensors, or (CPU, MPS) the process's resident memory."""
+def settled_memory(device: torch.device) -> int:
+    """Bytes held now, after collecting garbage (see project.memory.memory_in_use)."""
     gc.collect()
-    if device.type == "cuda":
-        synchronize(device)
-        return torch.cuda.memory_allocated(device)
-    return rss_bytes()
+    return memory_in_use(device)
 
 
 WARMUP_TOKENS = 2  # a warm-up runs the prefill and one decode step: every kernel and buffer gets created

@@ -19,7 +19,7 @@ import torch
 from llama.checkpoint import atomic_write
 from llama.errors import UserError
 from project.bench.config import Job
-from project.bench.measure import measure, memory_in_use
+from project.bench.measure import measure, settled_memory
 from project.bench.prompt import prompt_tokens, tokens_sha
 from project.memory import parameter_bytes
 
@@ -43,7 +43,7 @@ def run_ours(job: Job, device: torch.device, result: dict) -> list[dict]:
     llama = Llama.build(ckpt_dir=job.ckpt_dir, shape=job.shape, device=str(device), dtype=job.dtype, seed=job.seed)
     result["load_s"] = time.perf_counter() - start
     prompt = job.prompt or prompt_tokens(llama.tokenizer, job.input_len)
-    result.update(prompt=prompt, weights_bytes=parameter_bytes(llama.model), baseline_bytes=memory_in_use(device))
+    result.update(prompt=prompt, weights_bytes=parameter_bytes(llama.model), baseline_bytes=settled_memory(device))
     batch = [prompt] * job.batch_size
     if simulated_oom(job):
         raise torch.OutOfMemoryError(f"simulated by {SIMULATE_OOM}")
