@@ -76,7 +76,8 @@ def main(
 ):
     """Fine-tune a Llama 3.x model on instruction records; see the module docstring and README for every flag.
 
-    precision: auto (bf16 on CPU and bf16-capable CUDA, fp16 on older CUDA and MPS), fp32, bf16 or fp16;
+    precision: auto (bf16 where the device computes it natively, fp16 on older CUDA and MPS, else fp32), fp32,
+    bf16 or fp16;
     it is the autocast dtype: master weights (and LoRA weights) stay fp32.
     grad_ckpt: none, all, every-K or sqrt. max_records: use only the first N valid records.
     save_merged: also write the model with the adapter merged in, as a Meta checkpoint, to this folder.
