@@ -41,6 +41,12 @@ def run_hf(job: Job, device: torch.device, result: dict, simulate_oom: bool = Fa
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype], attn_implementation="sdpa", **kwargs)
     model = model.to(device).eval()
+    if device.type == "cpu":
+        # from_pretrained memory-maps safetensors: pages become resident only when first read, which would
+        # leave them out of the after-loading baseline. Read one element per page so the baseline holds them.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.reshape(-1)[:: max(1, 4096 // p.element_size())].sum()
     result.update(
         load_s=time.perf_counter() - start, prompt=job.prompt, weights_bytes=parameter_bytes(model),
         baseline_bytes=settled_memory(device), transformers_version=transformers.__version__,
