@@ -1,7 +1,7 @@
 """Peak memory and runtime of generation with and without the KV cache (Table 1), on any model and device.
 
     python benchmark_inference.py                                   # Table 1: default model, prompt 256, 32 new
-    python benchmark_inference.py --batch_sizes 1 --output_lens 16,32,64,128 --out reports/inference_output_len
+    python benchmark_inference.py --batch_sizes 1 --input_lens 16 --output_lens 32,64,128,256 --repeats 1 --out reports/inference_output_len
     python benchmark_inference.py --compare hf --batch_sizes 1,16   # also run transformers' generate
     python benchmark_inference.py --shape llama3.2-1b --dtype bf16 --compare hf --batch_sizes 1,16
 
