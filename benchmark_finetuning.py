@@ -49,6 +49,7 @@ def main(
     device: str = "auto",
     seed: int = 0,
     timeout_s: Optional[float] = None,
+    emulated_amp: bool = False,
     simulate_oom: Sequence[str] = (),
     out: str = "reports/finetune_benchmark",
     run_dir: str = "runs/finetune_benchmark",
@@ -63,7 +64,9 @@ def main(
     memory, Linux CPU; see project/allocator.py), default (glibc's own settings) or inherit (this shell's).
     compare: hf to also run Hugging Face transformers + peft. timelines: configurations whose step is
     profiled into a memory timeline. timeout_s: seconds a configuration may take (loading included) before
-    it is recorded as timeout. simulate_oom: configurations that fake an out-of-memory error.
+    it is recorded as timeout. emulated_amp: also run the mixed-precision configurations on a CPU without
+    native bf16/fp16 matmuls (by default they are recorded as skipped there: emulated kernels take many
+    minutes per 1B micro-batch). simulate_oom: configurations that fake an out-of-memory error.
     """
     out_dir = Path(out)
     csv_path = out_dir / CSV_NAME
@@ -83,6 +86,7 @@ def main(
         warmup=warmup, max_seq_len=max_seq_len, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, lora_targets=names(lora_targets), optimizer=optimizer, lr=lr, allocator=allocator,
         compare_hf=compare == "hf", simulate_oom=names(simulate_oom), timelines=names(timelines), timeout_s=timeout_s,
+        emulated_amp=emulated_amp,
         command=shlex.join(["python", *sys.orig_argv[1:]]), run_dir=Path(run_dir),
         extra={"commit": git_commit()},
     )  # fmt: skip

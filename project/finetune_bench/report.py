@@ -261,7 +261,8 @@ def _native_note(frame: pd.DataFrame) -> list[str]:
         return []
     return [f"This device has no native {'/'.join(slow)} matrix multiply (oneDNN needs AVX512-BF16 or AMX): "
             "autocast then runs its matmuls in slow, single-threaded fallback kernels, so here the mixed-precision "
-            "configurations are slow (or time out) for want of hardware support, not because of the technique."]  # fmt: skip
+            "configurations are slow (or skipped, or time out) for want of hardware support, not because of the "
+            "technique: measure them on a GPU or a CPU with AVX512-BF16/AMX."]  # fmt: skip
 
 
 def write_report(csv_path: Path, out_dir: Path) -> Path:
@@ -305,7 +306,8 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
          "optimizer, before the first step." if cpu else
          "Peak allocated / reserved: torch.cuda.max_memory_allocated / max_memory_reserved over the measured steps."),
         "Each configuration ran in its own fresh process. `OOM (×)`: the configuration ran out of memory; "
-        "`timeout (×)`: it did not finish within the command's `--timeout_s` (loading included).",
+        "`timeout (×)`: it did not finish within the command's `--timeout_s` (loading included); "
+        "`skipped (×)`: mixed precision on a CPU that only emulates its matmuls (`--emulated_amp` runs it).",
         *_native_note(frame), "",
         "## Table 2: what each technique does to each part of memory", "",
         *table2(frame), "",

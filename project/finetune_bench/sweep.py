@@ -23,7 +23,7 @@ import torch
 
 from llama.checkpoint import REPO_ROOT, atomic_write
 from llama.errors import UserError
-from llama.runtime import DTYPE_NAMES, log, resolve_dtype
+from llama.runtime import cpu_has_native_bf16, log
 from project.allocator import SETTINGS as TUNED_MALLOC
 
 from .child import Spec
@@ -55,14 +55,24 @@ class SweepOptions:
     simulate_oom: tuple = ()  # configuration names whose child raises OutOfMemoryError (tests the OOM path)
     timelines: tuple = (VANILLA.name, ALL_ON.name)
     timeout_s: Optional[float] = None  # per child
+    emulated_amp: bool = False  # run mixed precision on CPUs that only emulate its matmuls (else: skipped)
     run_dir: Path = REPO_ROOT / "runs" / "finetune_benchmark"  # each child's spec, result and log
     command: str = ""
     extra: dict = field(default_factory=dict)  # columns copied into every row (commit, ...)
 
 
 def mixed_precision(device: torch.device) -> str:
-    """The low-precision autocast dtype of the device: bf16 where native (CPU, recent CUDA), else fp16."""
-    return DTYPE_NAMES[resolve_dtype("auto", device)]
+    """The autocast dtype of the mixed-precision configurations: fp16 on GPUs without bf16 (e.g. P100), else bf16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return "bf16"
+
+
+def emulated_on_cpu(device: torch.device, precision: str) -> bool:
+    """True on a CPU without native matmuls for `precision`: autocast then falls back to slow reference kernels."""
+    if device.type != "cpu":
+        return False
+    return not (cpu_has_native_bf16() if precision == "bf16" else torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
 
 def child_env(allocator: str, device: torch.device) -> dict:
@@ -170,7 +180,12 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
                 )  # fmt: skip
                 log(f"[{len(rows) + 1}/{len(configs) * len(stacks)}] {stack} {config.name} ...")
                 t0 = time.perf_counter()
-                result = run_child(stack, spec, env, runs, opts.timeout_s)
+                if config.mixed and emulated_on_cpu(opts.device, precision) and not opts.emulated_amp:
+                    result = {"status": "skipped", f"{precision}_native": False, "error": (
+                        f"no native {precision} matmul on this CPU: autocast would run emulated kernels (a 1B "
+                        "micro-batch took over 9 minutes here); --emulated_amp runs it anyway")}  # fmt: skip
+                else:
+                    result = run_child(stack, spec, env, runs, opts.timeout_s)
                 row = {
                     "config": config.name, "stack": stack, "grad_ckpt": config.grad_ckpt, "mixed_precision": config.mixed,
                     "lora": config.lora, "grad_accum": config.grad_accum, "autocast": spec.precision,
