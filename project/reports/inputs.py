@@ -32,10 +32,10 @@ INFERENCE = {
         "kv_cache_bytes": "kv_cache_bytes",
         "device": "device",
         "dtype": "dtype",
-        "torch": "torch",
+        "torch": "torch_version",
         "commit": "commit",
         "model": "model",  # optional
-        "runner": "runner",  # optional: ours / hf (--compare hf)
+        "runner": "engine",  # optional: ours / hf (--compare hf)
         "command": "command",  # optional
     },
     "required": ["batch_size", "kv", "status", "wall_s", "tokens_per_s", "peak_mib"],
