@@ -24,7 +24,6 @@ from typing import Optional, Sequence
 import torch
 
 from llama.checkpoint import atomic_write, load_checkpoint, random_model, save_meta
-from llama.errors import UserError
 from llama.generation import Llama
 from llama.runtime import DTYPE_NAMES, describe, log, resolve_device, resolve_dtype
 from project.allocator import allocator_settings, retain_freed_memory

@@ -289,8 +289,6 @@ def hf_tokenizer(path: Path):
 
 def save_hf(model: Transformer, out_dir: str | Path):
     """Write config.json + model.safetensors in the Hugging Face Llama layout (q/k rows in rotate-half order)."""
-    from safetensors.torch import save_file
-
     a = model.args
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

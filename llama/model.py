@@ -9,7 +9,7 @@ loader converts q/k rows from HF's rotate-half layout (see `llama/checkpoint.py`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from llama.checkpoint import REPO_ROOT, atomic_write
-from llama.runtime import log
 
 from . import facts, phase1, phase2, phase3, pdf
 from .inputs import FINETUNE, FINETUNE_BENCH, INFERENCE

@@ -125,6 +125,22 @@ def find_file(folder: Path, names: list[str]) -> Path | None:
     return None
 
 
+def load_results(folder: Path, cfg: dict, tables: str, label: str, warnings: list):
+    """(path, frame, None) for cfg's results file in folder, or (None, None, (provenance, section)) saying
+    plainly that it is missing or unreadable and which command makes it."""
+    from . import md
+
+    path = find_file(folder, cfg["files"])
+    if path is None:
+        reason = f"no results file in `{md.shown_path(folder)}`"
+        return None, None, (f"{label}: none yet", md.missing(tables, reason, cfg["command"]))
+    frame, problem = read_table(path, cfg["columns"], cfg["required"])
+    if frame is None:
+        warnings.append(problem)
+        return None, None, (f"{label} `{md.shown_path(path)}` (unreadable)", md.missing(tables, problem, cfg["command"]))
+    return path, frame, None
+
+
 def read_table(path: Path, columns: dict, required: list[str]) -> tuple[pd.DataFrame | None, str | None]:
     """Read a CSV or JSONL file and rename its columns to the report's names.
 

@@ -9,7 +9,7 @@ import pandas as pd
 from llama.checkpoint import REPO_ROOT, atomic_write
 
 from . import facts, md
-from .inputs import INFERENCE, find_file, read_json, read_table
+from .inputs import INFERENCE, load_results, read_json
 
 SAMPLE_PROMPTS = ["What is the capital of France?", "Name three primary colours."]
 SAMPLE_TOKENS = 32
@@ -290,14 +290,9 @@ def compare_section(conf: pd.DataFrame) -> str | None:
 def results_section(folder: Path, reports_dir: Path, warnings: list) -> tuple[str, str]:
     """(provenance line, Table 1 section) from the results folder."""
     cfg = INFERENCE
-    path = find_file(folder, cfg["files"])
-    if path is None:
-        msg = md.missing("Table 1", f"no results file in `{md.shown_path(folder)}`", cfg["command"])
-        return "benchmark results: none yet", msg
-    frame, problem = read_table(path, cfg["columns"], cfg["required"])
-    if frame is None:
-        warnings.append(problem)
-        return f"benchmark results: `{path}` (unreadable)", md.missing("Table 1", problem, cfg["command"])
+    path, frame, failed = load_results(folder, cfg, "Table 1", "benchmark results", warnings)
+    if failed:
+        return failed
     conf = aggregate(frame)
     rel = md.shown_path(path)
     commands = md.distinct(frame, "command") if "command" in frame.columns else cfg["command"]

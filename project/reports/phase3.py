@@ -11,7 +11,7 @@ from llama.checkpoint import SHAPES, atomic_write
 from llama.model import Transformer
 
 from . import facts, md
-from .inputs import (EXTRA_PARTS, FINETUNE, FINETUNE_BENCH, MEMORY_PARTS, TECHNIQUES, find_file, read_json, read_summary,
+from .inputs import (EXTRA_PARTS, FINETUNE, FINETUNE_BENCH, MEMORY_PARTS, TECHNIQUES, find_file, load_results, read_json, read_summary,
                      read_table, rename_keys)  # fmt: skip
 
 FLAGS = list(TECHNIQUES.values())
@@ -289,14 +289,9 @@ def reading3(conf: pd.DataFrame) -> list[str]:
 
 def benchmark_section(folder: Path, reports_dir: Path, warnings: list) -> tuple[str, str]:
     cfg = FINETUNE_BENCH
-    path = find_file(folder, cfg["files"])
-    if path is None:
-        msg = md.missing("Tables 2 and 3", f"no results file in `{md.shown_path(folder)}`", cfg["command"])
-        return "fine-tuning benchmark: none yet", msg
-    frame, problem = read_table(path, cfg["columns"], cfg["required"])
-    if frame is None:
-        warnings.append(problem)
-        return f"fine-tuning benchmark `{md.shown_path(path)}` (unreadable)", md.missing("Tables 2 and 3", problem, cfg["command"])
+    path, frame, failed = load_results(folder, cfg, "Tables 2 and 3", "fine-tuning benchmark", warnings)
+    if failed:
+        return failed
     frame = flags(frame)
     conf = aggregate(frame)
     ours = conf[conf["runner"].astype(str) == "ours"] if "runner" in conf.columns and (conf["runner"].astype(str) == "ours").any() else conf
