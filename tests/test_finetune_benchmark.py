@@ -124,7 +124,7 @@ def test_compare_hf_runs_both_stacks(tmp_path):
     ckpt, data = write_tiny_checkpoint(tmp_path / "ckpt"), write_records(tmp_path / "records.json")
     proc = run_script(
         "benchmark_finetuning.py", "--ckpt_dir", ckpt, "--data", data, "--configs", "vanilla,ckpt+amp+lora",
-        "--examples", 2, "--compare", "hf", "--timelines", "", "--device", "cpu", "--out", tmp_path / "out",
+        "--examples", 2, "--compare", "hf", "--timelines", "", "--device", "cpu", "--emulated_amp", "--out", tmp_path / "out",
         "--run_dir", tmp_path / "runs", timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -138,3 +138,19 @@ def test_compare_hf_runs_both_stacks(tmp_path):
     assert hf.loc["vanilla"].param_bytes == ours.loc["vanilla"].param_bytes
     assert hf.loc["ckpt+amp+lora"].grad_bytes == ours.loc["ckpt+amp+lora"].grad_bytes
     assert "Peak ours/HF" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_mixed_precision_is_skipped_where_the_cpu_only_emulates_it(tmp_path, monkeypatch):
+    """On a CPU without native bf16 the sweep records amp as skipped, runs no child for it, and goes on."""
+    import benchmark_finetuning
+    from project.finetune_bench import sweep
+
+    monkeypatch.setattr(sweep, "emulated_on_cpu", lambda device, precision: precision == "bf16")
+    ckpt, data, out = write_tiny_checkpoint(tmp_path / "ckpt"), write_records(tmp_path / "records.json"), tmp_path / "out"
+    benchmark_finetuning.main(configs="amp,lora", ckpt_dir=str(ckpt), data=str(data), examples=1, timelines=(),
+                              device="cpu", out=str(out), run_dir=str(tmp_path / "runs"))  # fmt: skip
+    frame = pd.read_csv(out / "measurements.csv")
+    assert list(zip(frame.config, frame.status)) == [("amp", "skipped"), ("lora", "ok")]
+    assert "--emulated_amp" in frame.error[0]
+    assert not (tmp_path / "runs" / "ours-amp.spec.json").exists()
+    assert "skipped (×)" in (out / "README.md").read_text()
