@@ -11,15 +11,14 @@ the memory breakdown), peak_and_time.png, memory_breakdown.png, timeline.png (+ 
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from llama.checkpoint import REPO_ROOT
 from llama.errors import UserError
 from llama.runtime import log, resolve_device
 from project.cli import run
+from project.provenance import git_commit
 from project.finetune_bench.configs import ALL_ON, VANILLA, select
 from project.finetune_bench.report import write_report
 from project.finetune_bench.sweep import SweepOptions, run_sweep
@@ -95,15 +94,6 @@ def main(
         old.unlink()
     run_sweep(chosen, opts, out_dir, csv_path)
     log(f"wrote {csv_path} and {write_report(csv_path, out_dir)}")
-
-
-def git_commit() -> str:
-    """The commit measured, with -dirty when tracked files differ from it."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

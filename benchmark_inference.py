@@ -13,7 +13,6 @@ import datetime
 import gc
 import importlib.metadata
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from llama.checkpoint import REPO_ROOT, atomic_write, load_checkpoint, random_model, save_hf
+from llama.checkpoint import atomic_write, load_checkpoint, random_model, save_hf
 from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES, log, resolve_device, resolve_dtype
 from project.bench import results
@@ -30,16 +29,7 @@ from project.bench.config import grid, int_list
 from project.bench.hf import hf_source
 from project.bench.runner import run_all
 from project.cli import run
-
-
-def git_commit() -> str:
-    """Short commit of the code that ran, with '+changes' when tracked files differ from it."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-        return sha + ("+changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from project.provenance import git_commit
 
 
 def cpu_name() -> str:

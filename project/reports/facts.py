@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 import platform
 import re
-import subprocess
 from functools import lru_cache
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from llama.checkpoint import LLAMA3_TOKENIZER, REPO_ROOT, SHAPES
 from llama.model import Transformer, rope_inv_freq
+from project.provenance import git_commit
 
 SHAPE = "llama3.2-1b"
 
@@ -67,15 +67,6 @@ def find_line(path: str, text: str, root: Path = REPO_ROOT) -> int | None:
 
 
 # ---- environment --------------------------------------------------------------------------------
-@lru_cache(maxsize=1)
-def git_commit(root: Path = REPO_ROOT) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def environment() -> dict:
     import fpdf
 
