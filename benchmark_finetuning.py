@@ -15,13 +15,15 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from llama.checkpoint import ModelSource
 from llama.errors import UserError
 from llama.runtime import log, resolve_device
+from project.bench.finetune.configs import ALL_ON, VANILLA, select
+from project.bench.finetune.report import write_report
+from project.bench.finetune.sweep import SweepOptions, run_sweep
+from project.bench.harness import git_commit
 from project.cli import run
-from project.provenance import git_commit
-from project.finetune_bench.configs import ALL_ON, VANILLA, select
-from project.finetune_bench.report import write_report
-from project.finetune_bench.sweep import SweepOptions, run_sweep
+from project.model.lora import LoRAConfig
 
 CSV_NAME = "measurements.csv"
 
@@ -29,17 +31,17 @@ CSV_NAME = "measurements.csv"
 def main(
     configs: Optional[str] = None,
     ckpt_dir: Optional[str] = None,
-    shape: str = "llama3.2-1b",
+    shape: Optional[str] = None,
     data: Optional[str] = None,
     examples: int = 2,
     passes: int = 1,
     warmup: int = 1,
     grad_accum: int = 8,
     max_seq_len: int = 512,
-    lora_r: int = 16,
-    lora_alpha: float = 32.0,
-    lora_dropout: float = 0.05,
-    lora_targets: Sequence[str] = ("wq", "wv"),
+    lora_r: int = LoRAConfig.r,
+    lora_alpha: float = LoRAConfig.alpha,
+    lora_dropout: float = LoRAConfig.dropout,
+    lora_targets: Sequence[str] = LoRAConfig.targets,
     optimizer: str = "sgd",
     lr: float = 1e-5,
     allocator: str = "tuned",
@@ -56,6 +58,7 @@ def main(
 ):
     """Measure the configurations (default: all 10) and write the report.
 
+    ckpt_dir / shape: the weights (default: the Llama 3.2-1B shape with random weights).
     configs: comma-separated names (vanilla, ckpt, amp, lora, ckpt+amp, ..., accum8, ckpt+amp+lora+accum8).
     examples / passes: the fixed set is the first `examples` usable records; each configuration trains
     `passes` times over it (accumulation cycles on until its window is full) after `warmup` untimed
@@ -81,14 +84,26 @@ def main(
     if min(examples, passes) < 1 or warmup < 0:
         raise UserError("--examples and --passes must be at least 1, --warmup at least 0")
     opts = SweepOptions(
-        device=resolve_device(device), shape=shape, ckpt_dir=ckpt_dir, data=data, examples=examples, passes=passes,
-        warmup=warmup, max_seq_len=max_seq_len, seed=seed, lora_r=lora_r, lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout, lora_targets=names(lora_targets), optimizer=optimizer, lr=lr, allocator=allocator,
-        compare_hf=compare == "hf", simulate_oom=names(simulate_oom), timelines=names(timelines), timeout_s=timeout_s,
+        device=resolve_device(device),
+        source=ModelSource(ckpt_dir, shape or (None if ckpt_dir else "llama3.2-1b"), seed),
+        data=data,
+        examples=examples,
+        passes=passes,
+        warmup=warmup,
+        max_seq_len=max_seq_len,
+        lora=LoRAConfig(lora_r, lora_alpha, lora_dropout, names(lora_targets)),
+        optimizer=optimizer,
+        lr=lr,
+        allocator=allocator,
+        compare_hf=compare == "hf",
+        simulate_oom=names(simulate_oom),
+        timelines=names(timelines),
+        timeout_s=timeout_s,
         emulated_amp=emulated_amp,
-        command=shlex.join(["python", *sys.orig_argv[1:]]), run_dir=Path(run_dir),
+        command=shlex.join(["python", *sys.orig_argv[1:]]),
+        run_dir=Path(run_dir),
         extra={"commit": git_commit()},
-    )  # fmt: skip
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("timeline_*.json"):  # a timeline belongs to the run that made the CSV
         old.unlink()

@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from llama.checkpoint import ModelSource
 from llama.errors import UserError
 from llama.generation import Llama
 from project.cli import run
@@ -49,7 +50,7 @@ def main(
     texts = [str(t) for t in ([prompt] if prompt is not None else list(prompts or SAMPLE_PROMPTS))]
     if max_gen_len < 1:
         raise UserError("--max_gen_len must be at least 1")
-    llama = Llama.build(ckpt_dir=ckpt_dir, shape=shape, device=device, dtype=dtype, seed=seed)
+    llama = Llama.build(ModelSource(ckpt_dir, shape, seed), device=device, dtype=dtype)
     tok = llama.tokenizer
     encode = (lambda t: tok.encode_dialog([{"role": "user", "content": t}])) if chat else (lambda t: tok.encode(t, bos=True))
     settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, use_kv_cache=use_kv_cache, seed=seed)

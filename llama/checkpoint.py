@@ -9,9 +9,9 @@ import json
 import os
 import struct
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from .tokenizer import ByteBPETokenizer, Llama3Tokenizer, load_tokenizer_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = REPO_ROOT / "checkpoints"
 DEFAULT_CKPT_DIR = CHECKPOINTS / "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (the default; GGUF Q4_1, dequantised)"
 LLAMA3_TOKENIZER = CHECKPOINTS / "llama3-tokenizer" / "tokenizer.model"
 META_DEFAULT_DIR = Path("~/.llama/checkpoints/Llama3.2-1B").expanduser()
 
@@ -108,6 +109,34 @@ def load_checkpoint(ckpt_dir: str | os.PathLike | None, dtype=torch.bfloat16, de
         f"{path} is not a checkpoint: expected params.json + consolidated.00.pth (Meta), "
         "config.json + *.safetensors (Hugging Face), or a .gguf file"
     )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights come from: a checkpoint (None: the embedded default) or a named shape with
+    random weights. Passed whole through the CLIs, the benchmarks' child processes and the files they write."""
+
+    ckpt_dir: Optional[str] = None
+    shape: Optional[str] = None
+    seed: int = 0  # random weights only
+
+    def __post_init__(self):
+        if self.ckpt_dir and self.shape:
+            raise UserError("give --ckpt_dir or --shape, not both")
+        if self.shape and self.shape not in SHAPES:
+            raise UserError(f"unknown --shape {self.shape!r}: choose one of {', '.join(SHAPES)}")
+
+    @property
+    def name(self) -> str:
+        if self.shape:
+            return f"{self.shape} (random weights, seed {self.seed})"
+        return str(self.ckpt_dir) if self.ckpt_dir else DEFAULT_MODEL_NAME
+
+    def load(self, dtype, device) -> tuple[Transformer, object]:
+        """(model, tokenizer) in dtype on device."""
+        if self.shape:
+            return random_model(self.shape, dtype, device, self.seed)
+        return load_checkpoint(self.ckpt_dir, dtype, device)
 
 
 # ---- Meta ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Batched generation: prefill + decode, with or without the KV cache.
 
-Prompts of different lengths are left-padded to a common length; `Transformer.forward`'s `pad_lens`
-shifts each row's positions and hides its padding, so every row computes what it would alone.
+`prefill` runs the prompt once; `decode_one_token` runs one step after it; `Llama.generate` samples between them
+and times the two phases. Prompts of different lengths are left-padded to a common length; `Transformer.forward`'s
+`pad_lens` shifts each row's positions and hides its padding, so every row computes what it would alone.
+Shapes: B batch, P padded prompt length, L = P + max_gen_len, V vocabulary.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .checkpoint import load_checkpoint, random_model
+from .checkpoint import ModelSource
 from .errors import UserError
 from .model import Transformer
 from .runtime import describe, log, resolve_device, resolve_dtype, synchronize
@@ -47,26 +49,44 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, g
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def prefill(model: Transformer, tokens: torch.Tensor, pad_lens: Optional[torch.Tensor]) -> torch.Tensor:
+    """The prompt's forward pass: tokens (B, P) left-padded, pad_lens (B,) or None -> logits (B, 1, V) of the last
+    prompt position, for the first new token. With the KV cache set up, this fills its positions [0, P)."""
+    return model(tokens, 0, pad_lens, last_only=True)
+
+
+def decode_one_token(
+    model: Transformer, tokens: torch.Tensor, cur: int, pad_lens: Optional[torch.Tensor], use_kv_cache: bool
+) -> torch.Tensor:
+    """One decode step: tokens (B, L) filled up to cur -> logits (B, 1, V) of position cur-1, for tokens[:, cur].
+
+    With the KV cache only the newest token, tokens[:, cur-1], is fed (at position cur-1; the earlier keys come
+    from the cache); without it the whole prefix tokens[:, :cur] is run again.
+    """
+    if use_kv_cache:
+        return model(tokens[:, cur - 1 : cur], cur - 1, pad_lens, last_only=True)
+    return model(tokens[:, :cur], 0, pad_lens, last_only=True)
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter() once the device's queued work is done."""
+    synchronize(device)
+    return time.perf_counter()
+
+
 class Llama:
     def __init__(self, model: Transformer, tokenizer, device: torch.device):
         self.model, self.tokenizer, self.device = model, tokenizer, device
 
     @staticmethod
-    def build(
-        ckpt_dir: Optional[str] = None, shape: Optional[str] = None, device: str = "auto", dtype: str = "auto", seed: int = 0
-    ) -> "Llama":
-        """Load a checkpoint (default: the embedded SmolLM2) or a random-weight `shape`, and say what was loaded."""
+    def build(source: ModelSource = ModelSource(), device: str = "auto", dtype: str = "auto") -> "Llama":
+        """Load source's model (default: the embedded SmolLM2) on the device in the dtype, and say what was loaded."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         start = time.perf_counter()
-        if shape:
-            model, tokenizer = random_model(shape, dt, dev, seed)
-            what = f"{shape} (random weights, seed {seed})"
-        else:
-            model, tokenizer = load_checkpoint(ckpt_dir, dt, dev)
-            what = str(ckpt_dir or "default model (SmolLM2-135M-Instruct, GGUF Q4_1)")
+        model, tokenizer = source.load(dt, dev)
         n = sum(p.numel() for p in model.parameters())
-        log(f"loaded {what}: {n / 1e6:.1f}M parameters in {time.perf_counter() - start:.1f}s; {describe(dev, dt)}")
+        log(f"loaded {source.name}: {n / 1e6:.1f}M parameters in {time.perf_counter() - start:.1f}s; {describe(dev, dt)}")
         return Llama(model, tokenizer, dev)
 
     @torch.inference_mode()
@@ -106,38 +126,34 @@ class Llama:
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         out = GenerationOutput(tokens=[])
 
+        cur = prompt_len  # tokens[:, :cur] are filled
+
+        def append(logits: torch.Tensor) -> bool:
+            """Sample column cur from logits (B, 1, V), store and stream it; True once every row has stopped."""
+            nonlocal cur
+            nxt = sample(logits[:, -1].float(), temperature, top_p, top_k, generator)
+            tokens[:, cur] = nxt
+            if on_token is not None:
+                on_token(cur - prompt_len, nxt)
+            cur += 1
+            if not stop_at_eos:
+                return False
+            done.logical_or_(torch.isin(nxt, stop_ids))
+            return bool(done.all())  # the one host sync per token, and only with stop_at_eos
+
         if use_kv_cache:
             model.setup_cache(B, total)
             out.kv_cache_bytes = model.cache_nbytes()
         try:
-            synchronize(self.device)
-            start = time.perf_counter()
-            cur = prompt_len
-            logits = model(tokens[:, :cur], 0, pad_lens, last_only=True)
-            for step in range(max_gen_len):
-                nxt = sample(logits[:, -1].float(), temperature, top_p, top_k, generator)
-                tokens[:, cur] = nxt
-                cur += 1
-                out.steps += 1
-                if on_token is not None:
-                    on_token(step, nxt)
-                if step == 0:
-                    synchronize(self.device)
-                    out.prefill_s = time.perf_counter() - start
-                if stop_at_eos:
-                    done |= torch.isin(nxt, stop_ids)
-                    if bool(done.all()):
-                        break
-                if step + 1 == max_gen_len:
-                    break
-                if use_kv_cache:
-                    logits = model(tokens[:, cur - 1 : cur], cur - 1, pad_lens, last_only=True)
-                else:
-                    logits = model(tokens[:, :cur], 0, pad_lens, last_only=True)
-            synchronize(self.device)
-            out.decode_s = time.perf_counter() - start - out.prefill_s
+            start = _clock(self.device)
+            finished = max_gen_len == 0 or append(prefill(model, tokens[:, :cur], pad_lens))
+            prefilled = _clock(self.device)
+            while not finished and cur < total:
+                finished = append(decode_one_token(model, tokens, cur, pad_lens, use_kv_cache))
+            end = _clock(self.device)
         finally:
             model.clear_cache()
+        out.prefill_s, out.decode_s, out.steps = prefilled - start, end - prefilled, cur - prompt_len
 
         for row in tokens[:, prompt_len:cur].tolist():
             stop_at = next((j for j, t in enumerate(row) if t in tok.stop_ids), None) if stop_at_eos else None

@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -209,8 +208,6 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.tie_weights()
-        # Indices of blocks whose activations are recomputed in backward (project/checkpointing.py).
-        self.checkpoint_blocks: set[int] = set()
 
     def tie_weights(self):
         if self.args.tie_word_embeddings:
@@ -273,11 +270,8 @@ class Transformer(nn.Module):
         cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
         h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            if i in self.checkpoint_blocks and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, start_pos, mask)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos, mask)
         if last_only:
             h = h[:, -1:, :]
         return self.output(self.norm(h))

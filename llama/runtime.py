@@ -37,28 +37,40 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where oneDNN computes bf16 in hardware (AVX-512 BF16 / AMX on x86, BF16 extensions on Arm).
+def low_precision_dtype(device: torch.device) -> torch.dtype:
+    """The device's 16-bit compute dtype: bf16, except fp16 on GPUs without bf16 (e.g. a P100) and on MPS."""
+    if device.type == "mps" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
 
-    Elsewhere (e.g. AVX2-only CPUs) bf16 matmuls are emulated and several times slower than fp32.
-    """
+
+def has_native_matmul(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where the device multiplies matrices of dtype in hardware.
+
+    On CPUs oneDNN decides: bf16 needs AVX-512 BF16 / AMX (x86) or the BF16 extensions (Arm); elsewhere,
+    e.g. on AVX2-only CPUs, bf16 and fp16 matmuls are emulated and several times slower than fp32."""
+    if dtype == torch.float32:
+        return True
+    if device.type == "cuda":
+        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    if device.type == "mps":
+        return dtype == torch.float16
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(getattr(torch.ops.mkldnn, probe)())
     except (AttributeError, RuntimeError):
         return False
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 where the device computes it natively, else fp16 on GPUs (e.g. a P100) and MPS, fp32 on CPUs."""
+    """'auto': the device's 16-bit dtype where it computes it natively (low_precision_dtype), else fp32."""
     name = str(name).lower()
     if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "mps":
-            return torch.float16
-        if cpu_has_native_bf16():
-            return torch.bfloat16
-        log(f"dtype auto: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, using fp32")
+        dtype = low_precision_dtype(device)
+        if has_native_matmul(device, dtype):
+            return dtype
+        log(f"dtype auto: this {device.type} ({torch.backends.cpu.get_cpu_capability()}) has no native "
+            f"{DTYPE_NAMES[dtype]} matmul, using fp32")
         return torch.float32
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}: use auto, fp32, bf16 or fp16")

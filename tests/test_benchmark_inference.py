@@ -14,12 +14,12 @@ from conftest import run_script, tiny_model
 from llama.checkpoint import LLAMA3_TOKENIZER, load_checkpoint, save_hf
 from llama.errors import UserError
 from llama.tokenizer import Llama3Tokenizer
-from project.bench.config import int_list
-from project.bench.prompt import prompt_tokens
+from project.bench.inference.config import int_list
+from project.bench.inference.prompt import prompt_tokens
 
 IN_LEN, OUT_LEN, REPEATS = 12, 5, 2
 COLUMNS = [
-    "engine", "kv_cache", "batch_size", "input_len", "output_len", "repeat", "status", "wall_s", "prefill_s",
+    "stack", "kv_cache", "batch_size", "input_len", "output_len", "repeat", "status", "wall_s", "prefill_s",
     "decode_s", "ms_per_token", "tokens_per_s", "decode_tokens_per_s", "peak_mib", "peak_above_weights_mib",
     "weights_mib", "kv_cache_bytes", "n_generated", "tokens_sha", "prompt_sha", "device", "dtype", "threads",
     "torch_version", "commit",
@@ -49,8 +49,8 @@ def bench(tiny_ckpt, out, *extra):
 
 def test_end_to_end_csv_markdown_and_oom(tiny_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "bench"
-    monkeypatch.setenv("LLAMA_BENCH_SIMULATE_OOM", "batch_size=2,kv_cache=off")  # the worker raises OutOfMemoryError
-    proc = bench(tiny_ckpt, out, "--batch_sizes", "1,2", "--kv", "both")
+    # the matching child raises OutOfMemoryError after loading
+    proc = bench(tiny_ckpt, out, "--batch_sizes", "1,2", "--kv", "both", "--simulate_oom", "batch_size=2,kv_cache=off")
     assert proc.stderr.count("] ours kv") == 4  # one progress line per configuration
     df = pd.read_csv(out / "results.csv")
     assert set(COLUMNS) <= set(df.columns)
@@ -137,7 +137,7 @@ def test_compare_hf_same_tokens(tiny_ckpt, tmp_path):
     out = tmp_path / "bench"
     bench(tiny_ckpt, out, "--batch_sizes", "2", "--kv", "both", "--compare", "hf")
     df = pd.read_csv(out / "results.csv")
-    assert set(df.engine) == {"ours", "hf"} and (df.status == "ok").all()
+    assert set(df["stack"]) == {"ours", "hf"} and (df.status == "ok").all()
     assert df.tokens_sha.nunique() == 1  # ours and transformers, with and without cache: the same greedy tokens
     assert df.prompt_sha.nunique() == 1
     assert "## Hugging Face ÷ ours" in (out / "report.md").read_text()

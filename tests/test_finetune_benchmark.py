@@ -4,17 +4,18 @@ import math
 import re
 
 import pandas as pd
+import torch
 import pytest
 
 from llama.errors import UserError
-from project.finetune_bench.configs import select
-from project.finetune_bench.report import THRESHOLD, arrow
+from project.bench.finetune.configs import select
+from project.bench.finetune.report import THRESHOLD, arrow
 from tests.conftest import run_script
 from tests.tiny_finetune import tiny_args, write_records, write_tiny_checkpoint
 
 UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 REQUIRED = [
-    "config", "stack", "status", "device", "device_name", "autocast", "torch", "python", "commit", "allocator", "command",
+    "config", "stack", "status", "device", "device_name", "precision", "torch", "python", "commit", "allocator", "command",
     "micro_s_mean", "micro_s_std", "step_s_mean", "peak_bytes", "peak_rss_bytes", "idle_rss_bytes",
     "peak_above_idle_bytes", "param_bytes", "grad_bytes", "optim_bytes", "activation_bytes", "logits_loss_bytes",
 ]  # fmt: skip
@@ -143,14 +144,14 @@ def test_compare_hf_runs_both_stacks(tmp_path):
 def test_mixed_precision_is_skipped_where_the_cpu_only_emulates_it(tmp_path, monkeypatch):
     """On a CPU without native bf16 the sweep records amp as skipped, runs no child for it, and goes on."""
     import benchmark_finetuning
-    from project.finetune_bench import sweep
+    from project.bench.finetune import sweep
 
-    monkeypatch.setattr(sweep, "emulated_on_cpu", lambda device, precision: precision == "bf16")
+    monkeypatch.setattr(sweep, "has_native_matmul", lambda device, dtype: dtype != torch.bfloat16)
     ckpt, data, out = write_tiny_checkpoint(tmp_path / "ckpt"), write_records(tmp_path / "records.json"), tmp_path / "out"
     benchmark_finetuning.main(configs="amp,lora", ckpt_dir=str(ckpt), data=str(data), examples=1, timelines=(),
                               device="cpu", out=str(out), run_dir=str(tmp_path / "runs"))  # fmt: skip
     frame = pd.read_csv(out / "measurements.csv")
     assert list(zip(frame.config, frame.status)) == [("amp", "skipped"), ("lora", "ok")]
-    assert "--emulated_amp" in frame.error[0]
+    assert "--emulated_amp" in frame.message[0]
     assert not (tmp_path / "runs" / "ours-amp.spec.json").exists()
     assert "skipped (×)" in (out / "README.md").read_text()

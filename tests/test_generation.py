@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM
 
 from conftest import ToyTokenizer, tiny_model
 from llama.checkpoint import save_hf
-from llama.generation import Llama, sample
+from llama.generation import Llama, decode_one_token, prefill, sample
 from llama.model import KVCache
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 250, 8, 1], [200, 13], [9, 9, 31, 64, 77]]
@@ -146,6 +146,33 @@ def test_on_token_streams_every_column(tiny_llama):
     out = tiny_llama.generate(PROMPTS, 6, on_token=lambda step, nxt: cols.append((step, nxt.tolist())))
     assert [s for s, _ in cols] == list(range(6))
     assert [list(r) for r in zip(*[c for _, c in cols])] == out.tokens
+
+
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_prefill_then_decode_one_token_matches_a_full_forward(tiny_llama, use_kv_cache):
+    """Teacher-forced: prefill + decode steps over left-padded rows give, at every new position, the logits of one
+    plain forward over each row alone (no cache, no padding)."""
+    model, n_new = tiny_llama.model, 6
+    cont = torch.randint(0, 256, (len(PROMPTS), n_new), generator=torch.Generator().manual_seed(0))
+    P = max(map(len, PROMPTS))
+    tokens = torch.zeros(len(PROMPTS), P + n_new, dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, P - len(p) : P] = torch.tensor(p)
+    tokens[:, P:] = cont
+    pad_lens = torch.tensor([P - len(p) for p in PROMPTS])
+    with torch.inference_mode():
+        if use_kv_cache:
+            model.setup_cache(len(PROMPTS), P + n_new)
+        try:
+            steps = [prefill(model, tokens[:, :P], pad_lens)]
+            steps += [decode_one_token(model, tokens, cur, pad_lens, use_kv_cache) for cur in range(P + 1, P + n_new)]
+        finally:
+            model.clear_cache()
+        got = torch.cat(steps, dim=1)  # (B, n_new, V): logits for tokens P .. P+n_new-1
+        for i, p in enumerate(PROMPTS):
+            row = torch.cat([torch.tensor(p), cont[i]])[None]
+            ref = model(row)[0, len(p) - 1 : -1]  # (n_new, V)
+            torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_prompt_longer_than_context_is_a_user_error(tiny_llama):

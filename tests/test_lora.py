@@ -10,7 +10,7 @@ from llama.checkpoint import SHAPES, load_checkpoint, save_meta
 from llama.errors import UserError
 from llama.model import Transformer
 from project.model.lora import (
-    LoRALinear, adapter_state_dict, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter,
+    LoRAConfig, LoRALinear, adapter_state_dict, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter,
 )  # fmt: skip
 from tiny_finetune import tiny_model
 
@@ -55,7 +55,7 @@ def test_dropout_is_on_the_lora_input_only():
 
 def test_init_output_equals_base_and_only_a_b_train():
     base = tiny_model()
-    model = apply_lora(copy.deepcopy(base), targets=("wq", "wv"), r=4, alpha=8.0, dropout=0.05).eval()
+    model = apply_lora(copy.deepcopy(base), LoRAConfig(targets=("wq", "wv"), r=4, alpha=8.0, dropout=0.05)).eval()
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
@@ -65,7 +65,7 @@ def test_init_output_equals_base_and_only_a_b_train():
 
 
 def test_merged_equals_unmerged_after_training_steps():
-    model = apply_lora(tiny_model(), targets=("wq", "wk", "wv", "wo", "w1"), r=4, alpha=8.0, dropout=0.0)
+    model = apply_lora(tiny_model(), LoRAConfig(targets=("wq", "wk", "wv", "wo", "w1"), r=4, alpha=8.0, dropout=0.0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = tokens(shape=(2, 16))
     for _ in range(5):
@@ -93,32 +93,32 @@ def test_merged_equals_unmerged_after_training_steps():
 def test_trainable_count_for_llama_3_2_1b_shape():
     with torch.device("meta"):
         model = Transformer(SHAPES["llama3.2-1b"])
-        apply_lora(model, targets=("wq", "wv"), r=16, alpha=32, dropout=0.05)
+        apply_lora(model, LoRAConfig(targets=("wq", "wv"), r=16, alpha=32, dropout=0.05))
     trainable, total = count_parameters(model)
     assert trainable == 16 * (16 * (2048 + 2048) + 16 * (2048 + 512)) == 1_703_936
     assert total == 1_235_814_400 + trainable  # Llama 3.2-1B (tied embeddings) + the adapters
 
 
 def test_adapter_roundtrip_and_mismatch(tmp_path):
-    model = apply_lora(tiny_model(), r=4, alpha=8.0)
+    model = apply_lora(tiny_model(), LoRAConfig(r=4, alpha=8.0))
     perturb_adapters(model)
     path = tmp_path / "adapter.pt"
-    save_adapter(model, path, {"r": 4, "alpha": 8.0, "targets": ["wq", "wv"]})
+    save_adapter(model, path, LoRAConfig(r=4, alpha=8.0))
     saved = torch.load(path, weights_only=True)
     assert set(saved["state_dict"]) == set(adapter_state_dict(model)) and len(saved["state_dict"]) == 16
 
-    other = apply_lora(tiny_model(), r=4, alpha=8.0)
+    other = apply_lora(tiny_model(), LoRAConfig(r=4, alpha=8.0))
     assert load_adapter(other, path)["r"] == 4
     for k, v in adapter_state_dict(model).items():
         assert torch.equal(adapter_state_dict(other)[k], v)
     with pytest.raises(UserError, match="rank"):
-        load_adapter(apply_lora(tiny_model(), r=2, alpha=8.0), path)
+        load_adapter(apply_lora(tiny_model(), LoRAConfig(r=2, alpha=8.0)), path)
     with pytest.raises(UserError, match="targets"):
-        load_adapter(apply_lora(tiny_model(), targets=("wq",), r=4, alpha=8.0), path)
+        load_adapter(apply_lora(tiny_model(), LoRAConfig(targets=("wq",), r=4, alpha=8.0)), path)
 
 
 def test_merged_model_saves_in_a_format_the_loader_reads(tmp_path):
-    model = apply_lora(tiny_model(), r=4, alpha=8.0).eval()
+    model = apply_lora(tiny_model(), LoRAConfig(r=4, alpha=8.0)).eval()
     perturb_adapters(model)
     x = tokens()
     with torch.no_grad():
@@ -133,4 +133,4 @@ def test_merged_model_saves_in_a_format_the_loader_reads(tmp_path):
 
 def test_no_matching_target_is_a_user_error():
     with pytest.raises(UserError, match="no linear layer"):
-        apply_lora(tiny_model(), targets=("q_proj",))
+        apply_lora(tiny_model(), LoRAConfig(targets=("q_proj",)))

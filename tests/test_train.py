@@ -8,12 +8,14 @@ import pytest
 import torch
 
 import finetuning
+from project import finetune
 from llama.checkpoint import REPO_ROOT
 from llama.errors import UserError
-from llama.runtime import cpu_has_native_bf16
+from llama.runtime import has_native_matmul
 from project.checkpointing import apply_checkpointing, checkpoint_blocks
 from project.data import IGNORE_INDEX, build_dataset, collate
-from project.model.lora import apply_lora
+from project.memory import SavedTensorMeter
+from project.model.lora import LoRAConfig, apply_lora
 from project.train import TrainConfig, label_tokens, loss_sum, make_scaler, train, train_step
 from tiny_finetune import PAD, RECORDS, byte_tokenizer, grads, tiny_model, write_records, write_tiny_checkpoint
 
@@ -79,7 +81,7 @@ def test_checkpoint_policies_choose_blocks():
 @pytest.mark.parametrize("policy", ["all", "every-2", "sqrt"])
 def test_checkpointing_gives_the_same_gradients(policy):
     ids, labels = collate(examples(2), PAD)
-    model = apply_lora(tiny_model(), targets=("wq", "wv", "w2"), r=4, alpha=8.0, dropout=0.0)
+    model = apply_lora(tiny_model(), LoRAConfig(targets=("wq", "wv", "w2"), r=4, alpha=8.0, dropout=0.0))
     model.train()
     loss_sum(model, ids, labels).backward()
     plain = grads(model)
@@ -87,7 +89,8 @@ def test_checkpointing_gives_the_same_gradients(policy):
 
     runs = [0] * len(model.layers)
     for i, layer in enumerate(model.layers):
-        layer.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+        # Hooked inside the block: the block's own hooks run once per call, outside the checkpoint.
+        layer.feed_forward.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
     chosen = apply_checkpointing(model, policy)
     assert chosen
     loss_sum(model, ids, labels).backward()
@@ -97,10 +100,34 @@ def test_checkpointing_gives_the_same_gradients(policy):
         torch.testing.assert_close(g, plain[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_checkpointing_keeps_parameter_names_and_none_undoes_it():
+    """Wrapping adds no module (LoRA adapters and checkpoints are keyed by name); a later policy replaces it."""
+    ids, labels = collate(examples(2), PAD)
+    model = apply_lora(tiny_model(), LoRAConfig(targets=("wq", "wv", "w2"), r=4, alpha=8.0, dropout=0.0)).train()
+    names, keys = [n for n, _ in model.named_parameters()], list(model.state_dict())
+    assert "layers.0.attention.wq.lora_A" in names
+
+    def saved_bytes():
+        with SavedTensorMeter(exclude=model.parameters()) as meter:
+            loss_sum(model, ids, labels)
+        return meter.bytes
+
+    plain = saved_bytes()
+    assert apply_checkpointing(model, "all") == set(range(len(model.layers)))
+    assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
+    model.load_state_dict(model.state_dict())
+    assert saved_bytes() < plain
+    with torch.inference_mode():  # no autograd: the wrapped blocks run plainly
+        model(ids)
+    assert apply_checkpointing(model, "none") == set()
+    assert saved_bytes() == plain
+    assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_step_lowers_the_loss_on_a_repeated_batch(precision):
     cpu = torch.device("cpu")
-    model = apply_lora(tiny_model(), r=4, alpha=8.0, dropout=0.0)
+    model = apply_lora(tiny_model(), LoRAConfig(r=4, alpha=8.0, dropout=0.0))
     batch = [collate(examples(2), PAD)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)
@@ -114,7 +141,7 @@ def test_mixed_precision_step_lowers_the_loss_on_a_repeated_batch(precision):
 
 def test_an_overflowing_fp16_step_is_skipped_by_the_scaler():
     cpu = torch.device("cpu")
-    model = apply_lora(tiny_model(), r=4, alpha=8.0, dropout=0.0)
+    model = apply_lora(tiny_model(), LoRAConfig(r=4, alpha=8.0, dropout=0.0))
     with torch.no_grad():  # non-zero B so that every adapter gets a gradient
         for m in model.modules():
             if hasattr(m, "lora_B"):
@@ -155,14 +182,18 @@ def test_finetuning_end_to_end_lowers_the_loss(tiny_run):
     first_epoch = sum(r["loss"] for r in log[:3]) / 3
     last_epoch = sum(r["loss"] for r in log[-3:]) / 3
     assert last_epoch < first_epoch - 0.5, (first_epoch, last_epoch)
-    for f in ("summary.md", "loss.png", "samples.md", "samples.json"):
+    for f in ("summary.json", "summary.md", "loss.png", "samples.md", "samples.json"):
         assert (out / "reports" / f).stat().st_size > 0
     summary = (out / "reports" / "summary.md").read_text()
     # --precision auto: bf16 autocast where the CPU computes bf16 natively, plain fp32 elsewhere (e.g. AVX2-only).
-    expected = "bf16" if cpu_has_native_bf16() else "fp32"
+    expected = "bf16" if has_native_matmul(torch.device("cpu"), torch.bfloat16) else "fp32"
     assert f"{expected} autocast" in summary and "command" in summary and "optimizer steps: 24" in summary
+    data = json.loads((out / "reports" / "summary.json").read_text())
+    assert data["training"]["precision"] == expected and data["result"]["steps"] == 24
+    assert data["result"]["loss_first"] == log[0]["loss"] and data["result"]["loss_last"] == log[-1]["loss"]
+    assert data["lora"]["targets"] == ["wq", "wv"] and 0 < data["trainable_params"] < data["total_params"]
     samples = json.loads((out / "reports" / "samples.json").read_text())
-    assert len(samples) == len(finetuning.SAMPLE_RECORDS) and all({"before", "after"} <= set(s) for s in samples)
+    assert len(samples) == len(finetune.SAMPLE_RECORDS) and all({"before", "after"} <= set(s) for s in samples)
     assert (out / "run" / "adapter.pt").exists() and (out / "run" / "training_state.pt").exists()
 
 
@@ -178,7 +209,7 @@ def test_resume_after_interruption_reaches_the_same_weights(tiny_run, monkeypatc
         done.append(1)
         return train_step(*args, **kw)
 
-    monkeypatch.setattr(finetuning, "train", functools.partial(train, step_fn=interrupted_step))
+    monkeypatch.setattr(finetune, "train", functools.partial(train, step_fn=interrupted_step))
     with pytest.raises(KeyboardInterrupt):
         run_finetuning(tiny_run, "resumed", **settings)
     monkeypatch.undo()

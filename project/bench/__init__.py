@@ -1,10 +1,12 @@
-"""The inference benchmark behind `benchmark_inference.py`.
+"""The benchmark harness and the two benchmarks built on it.
 
-config.py   the grid of configurations and the job each subprocess receives
-prompt.py   prompts of an exact token length
-measure.py  timing and peak memory of repeated generate calls (used inside the subprocess)
-worker.py   the subprocess: runs one configuration with our `Llama.generate` or Hugging Face's `generate`
-hf.py       the Hugging Face side of `--compare hf` (imports transformers; only ever inside a worker)
-runner.py   runs each configuration in a fresh subprocess and records OOM and errors
-results.py  the CSV, the Table-1 markdown and the plots
+harness.py   one configuration per fresh child process (spec JSON in, result JSON out), status words
+             (ok, OOM, error, timeout, skipped), OOM detection, environment and provenance facts
+inference/   Table 1: generation with and without the KV cache (benchmark_inference.py)
+finetune/    Tables 2 and 3: every fine-tuning technique combination (benchmark_finetuning.py)
+
+Each benchmark has the same parts: config.py / configs.py (what is swept, the spec a child receives),
+child.py (the measurement, inside the child), hf.py / hf_child.py (the same measurement on Hugging Face's
+stack, for --compare hf), sweep.py (runs the children, writes the measurement CSV) and report.py (the one
+renderer of its tables and plots, used by the benchmark's own report and by project/reports).
 """

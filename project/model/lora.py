@@ -6,8 +6,8 @@ The adapter stays fp32 whatever the base weights' dtype; autocast casts it for t
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -66,23 +66,46 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def apply_lora(
-    model: nn.Module, targets: Sequence[str] = ("wq", "wv"), r: int = 16, alpha: float = 32.0, dropout: float = 0.05
-) -> nn.Module:
-    """Wrap every nn.Linear whose attribute name is in targets (e.g. wq, wv, w1) and freeze all other weights."""
-    targets = tuple(targets)
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention projections, then the SwiGLU MLP's
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """The adapter's settings, defined once and passed whole (CLI -> training -> adapter file -> benchmark)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("wq", "wv")
+
+    def __post_init__(self):
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        object.__setattr__(self, "targets", tuple(t.strip() for t in targets if t.strip()))
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if not self.targets or unknown:
+            raise UserError(
+                f"no linear layer named {', '.join(unknown or ['(none)'])}: LoRA targets are wq, wk, wv, wo "
+                "(attention) and w1, w2, w3 (MLP)"
+            )
+        if not (isinstance(self.r, int) and self.r >= 1):
+            raise UserError(f"LoRA rank must be at least 1, not {self.r}")
+
+    def describe(self) -> str:
+        return f"r {self.r}, alpha {self.alpha}, dropout {self.dropout}, targets {', '.join(self.targets)}"
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig = LoRAConfig()) -> nn.Module:
+    """Wrap every nn.Linear whose attribute name is in cfg.targets and freeze all other weights."""
     for p in model.parameters():
         p.requires_grad_(False)
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if name in targets and isinstance(child, nn.Linear):
-                setattr(module, name, LoRALinear(child, r, alpha, dropout))
+            if name in cfg.targets and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, cfg.r, cfg.alpha, cfg.dropout))
                 replaced += 1
     if not replaced:
-        raise UserError(
-            f"no linear layer named {', '.join(targets)}: LoRA targets are wq, wk, wv, wo (attention) and w1, w2, w3 (MLP)"
-        )
+        raise UserError(f"no linear layer named {', '.join(cfg.targets)} in this model")
     return model
 
 
@@ -102,11 +125,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
 
 
-def save_adapter(model: nn.Module, path: str | Path, config: dict):
+def save_adapter(model: nn.Module, path: str | Path, cfg: LoRAConfig):
     """Adapter-only weights + the LoRA config (r, alpha, dropout, targets), written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"config": dict(config), "state_dict": {k: v.detach().cpu() for k, v in adapter_state_dict(model).items()}}
+    payload = {"config": {**asdict(cfg), "targets": list(cfg.targets)}, "state_dict": {k: v.detach().cpu() for k, v in adapter_state_dict(model).items()}}
     atomic_write(path, lambda f: torch.save(payload, f))
 
 

@@ -11,7 +11,7 @@ import torch
 
 from llama.checkpoint import LLAMA3_TOKENIZER, REPO_ROOT, SHAPES
 from llama.model import Transformer, rope_inv_freq
-from project.provenance import git_commit
+from project.bench.harness import git_commit
 
 SHAPE = "llama3.2-1b"
 

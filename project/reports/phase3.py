@@ -54,12 +54,12 @@ def code_section(warnings: list) -> str:
 def lora_1b(r: int = 16, targets=("wq", "wv")) -> dict | None:
     """The project's apply_lora on the 1B shape (meta device), and the count expected by hand."""
     try:
-        from project.model.lora import apply_lora, count_parameters
+        from project.model.lora import LoRAConfig, apply_lora, count_parameters
     except ImportError:
         return None
     args = SHAPES[facts.SHAPE]
     with torch.device("meta"):
-        model = apply_lora(Transformer(args), targets=targets, r=r)
+        model = apply_lora(Transformer(args), LoRAConfig(r=r, targets=targets))
     trainable, total = count_parameters(model)
     kv = args.n_kv_heads * args.head_dim
     return {"trainable": trainable, "total": total, "r": r, "n_layers": args.n_layers, "dim": args.dim, "kv_dim": kv,

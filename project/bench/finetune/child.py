@@ -1,6 +1,6 @@
 """One benchmark configuration, measured in a fresh process (so no peak leaks from another configuration).
 
-    python -m project.finetune_bench.child SPEC.json RESULT.json
+    python -m project.bench.finetune.child SPEC.json RESULT.json   (run by project.bench.harness.run_child)
 
 The step is project/train.py's own (`micro_batch_backward` per micro-batch, `optimizer_update` per window),
 on a model set up as finetuning.py sets it up. Timing starts after the weights are loaded and after the
@@ -16,21 +16,22 @@ saved-tensor hooks (one Python call per saved tensor), active in every configura
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import statistics
 import sys
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from llama.checkpoint import ModelSource
 from llama.runtime import synchronize
 from project.allocator import allocator_settings
+from project.bench.harness import child_main
+from project.model.lora import LoRAConfig
 from project.memory import (
     PeakMemory,
     SavedTensorMeter,
@@ -44,30 +45,31 @@ from project.memory import (
 
 @dataclass
 class Spec:
-    """What the parent process asks one child to measure (written as JSON)."""
+    """What the parent process asks one child to measure (sent as JSON)."""
 
-    name: str
-    grad_ckpt: bool
-    mixed: bool
-    lora: bool
+    name: str  # the configuration's name, e.g. "ckpt+amp+lora"
+    grad_ckpt: bool  # every block checkpointed, or none
+    precision: str  # autocast dtype: fp32 (mixed precision off), bf16, or fp16 (with GradScaler)
+    lora: Optional[LoRAConfig]  # None: full fine-tuning
     grad_accum: int
-    precision: str  # autocast dtype: fp32 (off), bf16 or fp16 (with GradScaler)
     device: str
     examples: str  # JSON file: [{"input_ids": [...], "labels": [...]}], the fixed set, in order
+    source: ModelSource = ModelSource(shape="llama3.2-1b")
     passes: int = 1  # measured micro-batches = passes x the fixed set
     warmup: int = 1  # optimizer steps of one micro-batch each (the fixed set's first examples), not timed
-    shape: str = "llama3.2-1b"
-    ckpt_dir: Optional[str] = None
     hf_dir: Optional[str] = None  # the same weights in Hugging Face layout (hf stack only)
-    seed: int = 0
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    lora_targets: list = field(default_factory=lambda: ["wq", "wv"])
     optimizer: str = "sgd"
     lr: float = 1e-5
     simulate_oom: bool = False  # raise torch.OutOfMemoryError in the first micro-batch (tests the OOM path)
     timeline: Optional[str] = None  # write the memory timeline of one step to this JSON file
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Spec":
+        lora = LoRAConfig(**d["lora"]) if d["lora"] else None
+        return cls(**{**d, "lora": lora, "source": ModelSource(**d["source"])})
 
 
 @dataclass
@@ -239,19 +241,15 @@ def write_timeline(stack: Stack, meters: Meters, window, device, path: str):
 # ---- this project's stack ----------------------------------------------------------------------------------
 def our_stack(spec: Spec) -> Stack:
     """The model, LoRA, checkpointing, optimizer and GradScaler exactly as finetuning.py sets them up."""
-    from llama.checkpoint import load_checkpoint, random_model
     from project.checkpointing import apply_checkpointing
     from project.model.lora import apply_lora
     from project.train import TrainConfig, make_optimizer, make_scaler, micro_batch_backward, optimizer_update
 
     device = torch.device(spec.device)
-    if spec.ckpt_dir:
-        model, _ = load_checkpoint(spec.ckpt_dir, torch.float32, device)
-    else:
-        model, _ = random_model(spec.shape, torch.float32, device, spec.seed)
-    torch.manual_seed(spec.seed)
+    model, _ = spec.source.load(torch.float32, device)
+    torch.manual_seed(spec.source.seed)
     if spec.lora:
-        apply_lora(model, spec.lora_targets, spec.lora_r, spec.lora_alpha, spec.lora_dropout)
+        apply_lora(model, spec.lora)
     else:
         model.requires_grad_(True)
     apply_checkpointing(model, "all" if spec.grad_ckpt else "none")
@@ -266,63 +264,26 @@ def our_stack(spec: Spec) -> Stack:
     return Stack(model, micro_batch, lambda: optimizer_update(optimizer, scaler)[0], optimizer, model, model)
 
 
-# ---- the process ---------------------------------------------------------------------------------------------
-def environment(device: torch.device) -> dict:
-    import numpy
+def main(build: Callable[[Spec], Stack] = our_stack) -> None:
+    """The child process: build the stack, measure it, record the versions of the libraries it imported."""
 
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        native = {"bf16_native": torch.cuda.is_bf16_supported(), "fp16_native": True}
-    else:
-        name = f"{_cpu_name()}, {torch.backends.cpu.get_cpu_capability()}"
-        # Without AVX512-BF16 / AMX (oneDNN's check) bf16 matmuls fall back to slow, unthreaded kernels.
-        native = {"bf16_native": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                  "fp16_native": torch.ops.mkldnn._is_mkldnn_fp16_supported()}  # fmt: skip
-    return {
-        "device_name": name, "threads": torch.get_num_threads(), "python": platform.python_version(),
-        "torch": torch.__version__, "numpy": numpy.__version__, "allocator": allocator_settings(), **native,
-    }  # fmt: skip
+    def run(spec_dict: dict, result: dict):
+        spec = Spec.from_dict(spec_dict)
+        result["allocator"] = allocator_settings()
+        try:
+            examples = json.loads(Path(spec.examples).read_text())
+            t0 = time.perf_counter()
+            stack = build(spec)
+            synchronize(torch.device(spec.device))
+            result["load_s"] = time.perf_counter() - t0
+            result.update(measure(stack, spec, examples))
+        finally:
+            for library in ("transformers", "peft"):  # the hf stack's versions, where this process imported them
+                if library in sys.modules:
+                    result[library] = sys.modules[library].__version__
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's "can't allocate memory"."""
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower())
-
-
-def main(spec_path: str, result_path: str, build: Callable[[Spec], Stack] = our_stack) -> int:
-    spec = Spec(**json.loads(Path(spec_path).read_text()))
-    device = torch.device(spec.device)
-    result = {"status": "ok", **environment(device)}
-    try:
-        examples = json.loads(Path(spec.examples).read_text())
-        t0 = time.perf_counter()
-        stack = build(spec)
-        synchronize(device)
-        result["load_s"] = time.perf_counter() - t0
-        result.update(measure(stack, spec, examples))
-    except Exception as e:  # the sweep records the failure and goes on
-        result["status"] = "OOM" if is_out_of_memory(e) else "error"
-        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        traceback.print_exc()
-    for library in ("transformers", "peft"):  # the hf stack's versions, where this process imported them
-        if library in sys.modules:
-            result[library] = sys.modules[library].__version__
-    Path(result_path).write_text(json.dumps(result))
-    return 0
+    child_main(run)
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    main()

@@ -1,5 +1,6 @@
-"""From subprocess results to files: results.csv (one row per configuration and repeat), summary.csv
-(one row per configuration: medians and spread), report.md (tables laid out like Table 1) and plots."""
+"""Table 1 and its companions, rendered from summary.csv: the one renderer for the inference benchmark's
+report.md and for the phase 2 report. Nothing here measures anything."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,75 +8,21 @@ from pathlib import Path
 import pandas as pd
 
 from llama.checkpoint import atomic_write
-from project.bench.config import Job
-from project.bench.prompt import tokens_sha
 
-MiB = 1 << 20
-KEYS = ["engine", "kv_cache", "batch_size", "input_len", "output_len"]
-CSV_COLUMNS = KEYS + [
-    "repeat", "status", "wall_s", "prefill_s", "decode_s", "ms_per_token", "tokens_per_s", "decode_tokens_per_s",
-    "peak_mib", "peak_above_weights_mib", "peak_reserved_mib", "weights_mib", "baseline_mib", "kv_cache_bytes",
-    "n_generated", "tokens_sha", "prompt_sha", "peak_reset", "model", "device", "device_name", "dtype", "threads",
-    "torch_version", "transformers_version", "commit", "message",
-]  # fmt: skip
-ENGINE_NAMES = {"ours": "ours (llama/)", "hf": "Hugging Face transformers"}
+STACK_NAMES = {"ours": "ours (llama/)", "hf": "Hugging Face transformers"}
 
 
-def rows(done: list[tuple[Job, dict]], meta: dict) -> list[dict]:
-    """One row per measured repeat; a configuration that failed (OOM, error) gets one row with its status."""
-    out = []
-    for job, res in done:
-        base = {
-            "engine": job.engine, "kv_cache": "on" if job.kv_cache else "off", "batch_size": job.batch_size,
-            "input_len": job.input_len, "output_len": job.output_len, "status": res["status"],
-            "prompt_sha": tokens_sha([res["prompt"]]) if res.get("prompt") else "",
-            "weights_mib": res["weights_bytes"] / MiB if "weights_bytes" in res else None,
-            "baseline_mib": res["baseline_bytes"] / MiB if "baseline_bytes" in res else None,
-            "device_name": res.get("device_name", meta.get("device_name", "")),
-            "transformers_version": res.get("transformers_version", "") if job.engine == "hf" else "",
-            "message": res.get("message", ""),
-            **{k: meta[k] for k in ("model", "device", "dtype", "threads", "torch_version", "commit")},
-        }  # fmt: skip
-        if res["status"] != "ok":
-            out.append(base)
-            continue
-        for r in res["runs"]:
-            n_tok = job.batch_size * job.output_len
-            decode_tokens = job.batch_size * (job.output_len - 1)
-            out.append({
-                **base, "repeat": r["repeat"], "wall_s": r["wall_s"], "prefill_s": r["prefill_s"],
-                "decode_s": r["decode_s"], "ms_per_token": 1000 * r["wall_s"] / job.output_len,
-                "tokens_per_s": n_tok / r["wall_s"],
-                "decode_tokens_per_s": decode_tokens / r["decode_s"] if decode_tokens and r["decode_s"] > 0 else None,
-                "peak_mib": r["peak_bytes"] / MiB, "peak_above_weights_mib": (r["peak_bytes"] - res["baseline_bytes"]) / MiB,
-                "peak_reserved_mib": r["peak_reserved_bytes"] / MiB if r["peak_reserved_bytes"] else None,
-                "kv_cache_bytes": r["kv_cache_bytes"], "n_generated": r["n_generated"], "tokens_sha": r["tokens_sha"],
-                "peak_reset": r["peak_reset"],
-            })  # fmt: skip
-    return out
-
-
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration: status, median of every measure, min/max of the wall time, and the
-    tokens' fingerprint (the same in every repeat of a configuration, else 'varies')."""
-    numeric = ["wall_s", "prefill_s", "decode_s", "ms_per_token", "tokens_per_s", "decode_tokens_per_s", "peak_mib",
-               "peak_above_weights_mib", "peak_reserved_mib", "weights_mib", "kv_cache_bytes"]  # fmt: skip
-    out = []
-    for key, g in df.groupby(KEYS, sort=False):
-        row = dict(zip(KEYS, key), status=g["status"].iloc[0], repeats=int(g["repeat"].notna().sum()))
-        ok = g[g["status"] == "ok"]
-        for c in numeric:
-            row[c] = pd.to_numeric(ok[c]).median() if len(ok) else None
-        row["wall_min_s"] = ok["wall_s"].min() if len(ok) else None
-        row["wall_max_s"] = ok["wall_s"].max() if len(ok) else None
-        shas = set(ok["tokens_sha"])
-        row["tokens_sha"] = shas.pop() if len(shas) == 1 else ("varies" if shas else "")
-        out.append(row)
-    return pd.DataFrame(out)
-
-
-def write_csv(df: pd.DataFrame, path: Path):
-    atomic_write(path, lambda f: f.write(df.to_csv(index=False).encode()))
+def memory_note(device_type: str) -> str:
+    """What 'peak memory' means on this kind of device."""
+    if device_type == "cuda":
+        return (
+            "CUDA max_memory_allocated after a reset (max_memory_reserved in summary.csv), above weights = "
+            "minus what was allocated after loading"
+        )
+    return (
+        "the process's peak resident memory (VmHWM, reset before each generate call), above weights = minus "
+        "the resident memory after loading (weights + Python + PyTorch)"
+    )
 
 
 # ---- markdown ------------------------------------------------------------------------------------------------
@@ -150,7 +97,7 @@ def comparison(ours: pd.DataFrame, hf: pd.DataFrame) -> list[str]:
 
 
 def details(s: pd.DataFrame) -> list[str]:
-    cols = ["engine", "kv_cache", "batch_size", "input_len", "output_len", "status", "prefill_s", "decode_s",
+    cols = ["stack", "kv_cache", "batch_size", "input_len", "output_len", "status", "prefill_s", "decode_s",
             "ms_per_token", "decode_tokens_per_s", "weights_mib", "kv_cache_bytes", "peak_reserved_mib", "tokens_sha"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in s.iterrows():
@@ -179,11 +126,11 @@ def report(summary: pd.DataFrame, meta: dict, plots: list[str]) -> str:
              f"{meta['warmup']} warm-up run(s) of 2 new tokens, then the median of {meta['repeats']} (min–max in brackets)",
              f"- peak memory: {meta['memory_note']}", ""]  # fmt: skip
     for (i, o), s in summary.groupby(["input_len", "output_len"], sort=False):
-        for engine, se in s.groupby("engine", sort=False):
-            lines += [f"## {ENGINE_NAMES.get(engine, engine)}: prompt {i} tokens, {o} new tokens", ""] + table1(se) + [""]
-        if {"ours", "hf"} <= set(s.engine):
+        for stack, se in s.groupby("stack", sort=False):
+            lines += [f"## {STACK_NAMES.get(stack, stack)}: prompt {i} tokens, {o} new tokens", ""] + table1(se) + [""]
+        if {"ours", "hf"} <= set(s["stack"]):
             lines += [f"## Hugging Face ÷ ours: prompt {i} tokens, {o} new tokens", ""]
-            lines += comparison(s[s.engine == "ours"], s[s.engine == "hf"]) + [""]
+            lines += comparison(s[s["stack"] == "ours"], s[s["stack"] == "hf"]) + [""]
     lines += ["## Every configuration (medians)", ""] + details(summary) + [""]
     lines += [f"![{p}]({p})" for p in plots]
     lines += ["", "Columns are explained in the README's section *Inference benchmark (benchmark_inference.py)*; "
@@ -209,11 +156,11 @@ def plots(summary: pd.DataFrame, out: Path) -> list[str]:
             panels.append(("ms_per_token", "time per output token (ms)"))
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
         for ax, (col, label) in zip(axes, panels):
-            for (engine, kv, i, o_val), g in s.groupby(["engine", "kv_cache", "input_len", other]):
+            for (stack, kv, i, o_val), g in s.groupby(["stack", "kv_cache", "input_len", other]):
                 g = g.sort_values(x)
                 style = "-" if kv == "on" else "--"
-                ax.plot(g[x], g[col], style, marker="o" if engine == "ours" else "s",
-                        label=f"{engine}, cache {kv}, {other.replace('_', ' ')} {o_val}, prompt {i}")  # fmt: skip
+                ax.plot(g[x], g[col], style, marker="o" if stack == "ours" else "s",
+                        label=f"{stack}, cache {kv}, {other.replace('_', ' ')} {o_val}, prompt {i}")  # fmt: skip
             ax.set_xlabel(x.replace("_", " "))
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)

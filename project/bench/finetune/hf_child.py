@@ -1,6 +1,6 @@
 """The same measurement on the standard stack: Hugging Face transformers + peft (`--compare hf` only).
 
-    python -m project.finetune_bench.hf_child SPEC.json RESULT.json
+    python -m project.bench.finetune.hf_child SPEC.json RESULT.json
 
 Same weights (the parent saves them once in Hugging Face layout), same examples, same autocast, same
 optimizer and GradScaler (project/train.py's), same timing and meters (child.py). What differs is the
@@ -9,11 +9,9 @@ peft's LoRA. This is the only module that imports transformers or peft, and only
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from project.finetune_bench.child import Spec, Stack, main
+from project.bench.finetune.child import Spec, Stack, main
 
 # Meta projection names -> Hugging Face module names.
 HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}  # fmt: skip
@@ -31,12 +29,12 @@ def hf_stack(spec: Spec) -> Stack:
     model.config.use_cache = False  # training: no KV cache
     if spec.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.source.seed)
     if spec.lora:
         config = LoraConfig(
-            r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout, bias="none",
-            target_modules=[HF_TARGETS[t] for t in spec.lora_targets], task_type="CAUSAL_LM",
-        )  # fmt: skip
+            r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout, bias="none",
+            target_modules=[HF_TARGETS[t] for t in spec.lora.targets], task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, config)
     else:
         model.requires_grad_(True)
@@ -58,4 +56,4 @@ def hf_stack(spec: Spec) -> Stack:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3], build=hf_stack))
+    main(build=hf_stack)

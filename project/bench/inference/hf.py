@@ -12,9 +12,9 @@ import torch
 from llama.checkpoint import DEFAULT_CKPT_DIR
 from llama.errors import UserError
 from llama.runtime import DTYPES, synchronize
-from project.bench.config import Job
-from project.bench.measure import measure, settled_memory
-from project.bench.prompt import tokens_sha
+from project.bench.inference.config import Spec
+from project.bench.inference.measure import measure, settled_memory
+from project.bench.inference.prompt import tokens_sha
 from project.memory import parameter_bytes
 
 
@@ -31,15 +31,15 @@ def hf_source(ckpt_dir) -> tuple[str, dict]:
     raise UserError(f"--compare hf cannot load {path} directly; it needs a Hugging Face folder or a GGUF file")
 
 
-def run_hf(job: Job, device: torch.device, result: dict, simulate_oom: bool = False) -> list[dict]:
+def run_hf(spec: Spec, device: torch.device, result: dict) -> list[dict]:
     import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-    if not job.prompt:
+    if not spec.prompt:
         raise UserError("the Hugging Face run needs the prompt ids of our run (it ran out before building them)")
-    path, kwargs = (job.hf_dir, {}) if job.hf_dir else hf_source(job.ckpt_dir)
+    path, kwargs = (spec.hf_dir, {}) if spec.hf_dir else hf_source(spec.source.ckpt_dir)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[job.dtype], attn_implementation="sdpa", **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[spec.dtype], attn_implementation="sdpa", **kwargs)
     model = model.to(device).eval()
     if device.type == "cpu":
         # from_pretrained memory-maps safetensors: pages become resident only when first read, which would
@@ -48,13 +48,13 @@ def run_hf(job: Job, device: torch.device, result: dict, simulate_oom: bool = Fa
             for p in model.parameters():
                 p.reshape(-1)[:: max(1, 4096 // p.element_size())].sum()
     result.update(
-        load_s=time.perf_counter() - start, prompt=job.prompt, weights_bytes=parameter_bytes(model),
+        load_s=time.perf_counter() - start, prompt=spec.prompt, weights_bytes=parameter_bytes(model),
         baseline_bytes=settled_memory(device), transformers_version=transformers.__version__,
         hf_source=str(Path(path) / kwargs.get("gguf_file", "")),
     )  # fmt: skip
-    if simulate_oom:
-        raise torch.OutOfMemoryError("simulated by LLAMA_BENCH_SIMULATE_OOM")
-    ids = torch.tensor([job.prompt] * job.batch_size, device=device)
+    if spec.simulate_oom:
+        raise torch.OutOfMemoryError("simulated out of memory (--simulate_oom)")
+    ids = torch.tensor([spec.prompt] * spec.batch_size, device=device)
 
     class FirstLogits(LogitsProcessor):
         """Notes when the prompt's forward pass has produced the first logits (the end of prefill)."""
@@ -70,7 +70,7 @@ def run_hf(job: Job, device: torch.device, result: dict, simulate_oom: bool = Fa
 
     def generate_once(n: int) -> dict:
         # Greedy, exactly n new tokens: no EOS (nothing stops early or masks a logit), no sampling settings.
-        config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=job.kv_cache,
+        config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=spec.kv_cache,
                                   eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)  # fmt: skip
         first = FirstLogits()
         start = time.perf_counter()
@@ -85,7 +85,7 @@ def run_hf(job: Job, device: torch.device, result: dict, simulate_oom: bool = Fa
         return dict(prefill_s=first.at - start, decode_s=end - first.at, kv_cache_bytes=cache_bytes(out),
                     n_generated=new.shape[1], tokens_sha=tokens_sha(new.tolist()))  # fmt: skip
 
-    return measure(generate_once, device, job.warmup, job.repeats, job.output_len)
+    return measure(generate_once, device, spec.warmup, spec.repeats, spec.output_len)
 
 
 def cache_bytes(out) -> int:

@@ -10,13 +10,13 @@ from llama.errors import UserError
 @dataclass(frozen=True)
 class BenchConfig:
     grad_ckpt: bool  # every block checkpointed (policy "all") or none
-    mixed: bool  # autocast in the device's low-precision dtype (bf16, or fp16 + GradScaler); fp32 master weights
+    amp: bool  # mixed precision: autocast in the device's 16-bit dtype (bf16, or fp16 + GradScaler); fp32 master weights
     lora: bool  # LoRA on wq, wv (everything else frozen) or full fine-tuning
     grad_accum: int = 1  # micro-batches per optimizer step
 
     @property
     def name(self) -> str:
-        parts = [p for p, on in (("ckpt", self.grad_ckpt), ("amp", self.mixed), ("lora", self.lora)) if on]
+        parts = [p for p, on in (("ckpt", self.grad_ckpt), ("amp", self.amp), ("lora", self.lora)) if on]
         if self.grad_accum > 1:
             parts.append(f"accum{self.grad_accum}")
         return "+".join(parts) or "vanilla"
@@ -29,7 +29,7 @@ ALL_ON = BenchConfig(True, True, True)  # the three techniques that change one m
 def default_sweep(grad_accum: int = 8) -> list[BenchConfig]:
     """All 8 combinations without accumulation, then accumulation for the vanilla and the all-on ones."""
     combos = [BenchConfig(c, m, l) for c, m, l in itertools.product((False, True), repeat=3)]
-    combos.sort(key=lambda c: (c.grad_ckpt + c.mixed + c.lora, not c.grad_ckpt, not c.mixed))
+    combos.sort(key=lambda c: (c.grad_ckpt + c.amp + c.lora, not c.grad_ckpt, not c.amp))
     return combos + [BenchConfig(False, False, False, grad_accum), BenchConfig(True, True, True, grad_accum)]
 
 

@@ -1,0 +1,136 @@
+"""What both benchmarks share: one configuration per fresh child process, its status, and where it ran.
+
+The parent writes a spec (JSON) and runs `python -m <child module> SPEC.json RESULT.json`; the child
+measures and writes RESULT.json. A fresh process per configuration means no peak, allocator cache or
+compiled kernel carries over from the previous configuration. Every result has a `status`:
+
+    ok        measured
+    OOM       out of memory (raised in the child, or the child was killed by SIGKILL: the OOM killer)
+    error     anything else went wrong; `message` says what, the child's log has the traceback
+    timeout   the child did not finish within the parent's time limit
+    skipped   the parent chose not to run it (e.g. mixed precision on a CPU that only emulates it)
+
+and, unless ok, a one-line `message`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import traceback
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from llama.checkpoint import REPO_ROOT, atomic_write
+from llama.errors import UserError
+from llama.runtime import has_native_matmul, log
+
+
+def run_child(module: str, spec: dict, folder: Path, tag: str, env=None, timeout_s: Optional[float] = None) -> dict:
+    """Run `python -m module` on spec in a fresh process; its spec, result and log are folder/tag.*."""
+    spec_path, result_path, log_path = (folder / f"{tag}.{kind}" for kind in ("spec.json", "result.json", "log"))
+    spec_path.write_text(json.dumps(spec))
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", module, str(spec_path), str(result_path)]
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as out:
+        try:
+            proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "message": f"did not finish within {timeout_s:g} s"}
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+    elif proc.returncode == -signal.SIGKILL:
+        result = {"status": "OOM", "message": "killed by SIGKILL (the operating system's out-of-memory killer)"}
+    else:
+        tail = log_path.read_text().strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        result = {"status": "error", "message": f"child failed: {tail[0]}"}
+    if result["status"] == "error":
+        log(log_path.read_text().rstrip())
+    return result
+
+
+def child_main(measure: Callable[[dict, dict], None]) -> None:
+    """The child's side: measure(spec, result) fills result; failures become a status, never a crash.
+
+    Called as `python -m module SPEC.json RESULT.json`; RESULT.json is written atomically in every case."""
+    spec_path, result_path = sys.argv[1:3]
+    spec = json.loads(Path(spec_path).read_text())
+    result: dict = {"status": "ok", **environment(torch.device(spec["device"]))}
+    try:
+        measure(spec, result)
+    except UserError as e:
+        result.update(status="error", message=str(e))
+    except Exception as e:  # recorded, so that the sweep goes on; the traceback goes to the child's log
+        traceback.print_exc()
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        result.update(status="OOM" if is_out_of_memory(e) else "error", message=f"{type(e).__name__}: {first_line}")
+    atomic_write(Path(result_path), lambda f: f.write(json.dumps(result).encode()))
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's "can't allocate memory"."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e).lower())
+
+
+def status_line(result: dict, ok_text: Callable[[dict], str]) -> str:
+    """One log line for a finished configuration: ok_text(result), or its status and message."""
+    return ok_text(result) if result["status"] == "ok" else f"{result['status']} ({result.get('message', '')})"
+
+
+# ---- where and with what it ran -------------------------------------------------------------------------
+def environment(device: torch.device) -> dict:
+    """The facts every result records: device name, threads, versions, native low-precision matmuls."""
+    import numpy
+
+    return {
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "bf16_native": has_native_matmul(device, torch.bfloat16),
+        "fp16_native": has_native_matmul(device, torch.float16),
+    }
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and PyTorch's vector capability (e.g. AVX512)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple {platform.machine()} (MPS)"
+    return f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+@lru_cache(maxsize=1)
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    """Short commit of the code that ran, with '+changes' when tracked files differ from it ('unknown' outside git)."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -1,0 +1,73 @@
+"""The configurations an inference benchmark sweeps, and the spec each child process receives."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from llama.checkpoint import ModelSource
+from llama.errors import UserError
+
+KV_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
+
+
+@dataclass
+class Spec:
+    """One configuration, run `warmup + repeats` times in one fresh child process by one stack."""
+
+    stack: str  # "ours" (llama.generation) or "hf" (transformers' generate)
+    kv_cache: bool
+    batch_size: int
+    input_len: int
+    output_len: int
+    device: str
+    dtype: str
+    threads: int
+    repeats: int
+    warmup: int
+    source: ModelSource = ModelSource()
+    hf_dir: Optional[str] = None  # the same weights in Hugging Face layout (converted), for stack "hf"
+    prompt: Optional[list[int]] = None  # exact prompt ids; None: build them from the model's tokenizer
+    simulate_oom: bool = False  # raise torch.OutOfMemoryError after loading (tests the OOM path)
+
+    @property
+    def name(self) -> str:
+        kv = "on " if self.kv_cache else "off"
+        return f"{self.stack:4s} kv {kv} batch {self.batch_size:3d} in {self.input_len} out {self.output_len}"
+
+    def matches(self, selector: str) -> bool:
+        """True if every key=value of selector (e.g. "batch_size=2,kv_cache=off") holds for this spec."""
+        have = {"stack": self.stack, "kv_cache": "on" if self.kv_cache else "off", "batch_size": str(self.batch_size),
+                "input_len": str(self.input_len), "output_len": str(self.output_len)}
+        wanted = dict(item.split("=", 1) for item in selector.split(",") if "=" in item)
+        return bool(wanted) and all(have.get(k) == v for k, v in wanted.items())
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Spec":
+        return cls(**{**d, "source": ModelSource(**d["source"])})
+
+
+def int_list(value, name: str) -> list[int]:
+    """Fire gives `--batch_sizes 1,8,16` as a tuple, `--batch_sizes 4` as an int, `"1 8"` as a string."""
+    if isinstance(value, (int, str)):
+        value = str(value).replace(",", " ").split()
+    try:
+        out = [int(v) for v in value]
+    except (TypeError, ValueError):
+        raise UserError(f"--{name} must be a list of whole numbers, e.g. --{name} 1,8,16 (got {value!r})") from None
+    if not out or min(out) < 1:
+        raise UserError(f"--{name} needs at least one value, each at least 1 (got {value!r})")
+    return out
+
+
+def grid(batch_sizes, input_lens, output_lens, kv: str, stacks: list[str], **common) -> list[Spec]:
+    """Every combination, ordered so that each stack's cache-on and cache-off runs sit next to each other."""
+    if kv not in KV_MODES:
+        raise UserError(f"--kv must be on, off or both (got {kv!r})")
+    return [
+        Spec(stack=stack, kv_cache=cache, batch_size=b, input_len=i, output_len=o, **common)
+        for i, o, b, cache, stack in itertools.product(input_lens, output_lens, batch_sizes, KV_MODES[kv], stacks)
+    ]

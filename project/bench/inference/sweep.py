@@ -1,0 +1,59 @@
+"""Run each inference configuration in its own fresh process (project.bench.harness), in order."""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+from llama.checkpoint import ModelSource, save_hf
+from llama.errors import UserError
+from llama.runtime import log
+from project.bench.harness import run_child, status_line
+from project.bench.inference.config import Spec
+from project.bench.inference.hf import hf_source
+
+CHILD = "project.bench.inference.child"
+
+
+def run_sweep(specs: list[Spec], folder: Path, on_result=None) -> list[tuple[Spec, dict]]:
+    """Run the specs in order, one log line per configuration; on_result(done) after each (to save progress).
+
+    Hugging Face specs take the prompt ids of the matching run of ours, so both see the same tokens."""
+    done: list[tuple[Spec, dict]] = []
+    prompts: dict[int, list[int]] = {}
+    for i, spec in enumerate(specs, 1):
+        if spec.stack != "ours" and spec.prompt is None:
+            spec.prompt = prompts.get(spec.input_len)
+        start = time.perf_counter()
+        result = run_child(CHILD, spec.to_dict(), folder, f"config{i}")
+        if result.get("prompt") and spec.stack == "ours":
+            prompts.setdefault(spec.input_len, result["prompt"])
+        log(f"[{i}/{len(specs)}] {spec.name}: {status_line(result, ok_text)} ({time.perf_counter() - start:.0f}s)")
+        done.append((spec, result))
+        if on_result is not None:
+            on_result(done)
+    return done
+
+
+def ok_text(result: dict) -> str:
+    runs = sorted(result["runs"], key=lambda r: r["wall_s"])
+    mid = runs[len(runs) // 2]
+    return f"{mid['wall_s']:.2f} s, peak {mid['peak_bytes'] / 2**20:.0f} MiB"
+
+
+def hf_weights(source: ModelSource, dtype, out_dir: Path) -> str | None:
+    """A folder transformers can load the same weights from: None where it reads the checkpoint as it is
+    (a Hugging Face folder or a GGUF file), else our weights written in Hugging Face layout to out_dir."""
+    if not source.shape:
+        try:
+            hf_source(source.ckpt_dir)
+            return None
+        except UserError:
+            pass
+    log("converting the weights to Hugging Face layout for transformers ...")
+    model, _ = source.load(dtype, "cpu")
+    save_hf(model, out_dir)
+    del model
+    gc.collect()
+    return str(out_dir)

@@ -1,0 +1,122 @@
+"""One fine-tuning job, as `finetuning.py` runs it: data, model, LoRA, checkpointing, training, samples, outputs.
+
+Master weights are fp32 whatever the precision: `TrainConfig.precision` is only the autocast dtype. The job's
+record is data, `summary.json`; summary.md, samples.md and loss.png are rendered from it
+(project/reports/finetune_run.py), and the phase 3 report reads the same files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llama.checkpoint import ModelSource, save_meta
+from llama.generation import Llama
+from llama.runtime import describe, log
+from project.allocator import allocator_settings
+from project.bench.harness import device_name, environment
+from project.checkpointing import apply_checkpointing
+from project.data import build_dataset, find_dataset, format_prompt, load_records, validate_records
+from project.model.lora import LoRAConfig, apply_lora, count_parameters, describe_trainable, merge_lora, save_adapter
+from project.reports.finetune_run import write_run_report
+from project.train import TrainConfig, read_log, train
+
+# Fixed prompts for the before/after comparison: the first is in the 200 training records, the others are not.
+SAMPLE_RECORDS = [
+    {"instruction": "Give three tips for staying healthy."},
+    {"instruction": "What is the capital of France?"},
+    {"instruction": "Translate the following sentence into French.", "input": "The weather is nice today."},
+    {"instruction": "Write a haiku about autumn."},
+]
+
+
+def finetune(
+    source: ModelSource,
+    lora: Optional[LoRAConfig],
+    cfg: TrainConfig,
+    device: torch.device,
+    out_dir: Path,
+    run_dir: Path,
+    data: Optional[str] = None,
+    max_seq_len: int = 512,
+    max_records: Optional[int] = None,
+    on_bad_record: str = "skip",
+    grad_ckpt: str = "none",
+    save_merged: Optional[str] = None,
+    resume: bool = False,
+    sample_max_gen_len: int = 64,
+    command: str = "",
+) -> dict:
+    """Fine-tune source's model (LoRA adapters, or every weight when lora is None); returns the summary."""
+    # Data first: a bad data file should fail before the model loads.
+    data_path = find_dataset(data)
+    records = validate_records(load_records(data_path), on_bad_record)
+    if max_records is not None:
+        records = records[:max_records]
+
+    start = time.perf_counter()
+    model, tokenizer = source.load(torch.float32, device)
+    log(f"loaded {source.name} in {time.perf_counter() - start:.1f}s; {describe(device, torch.float32)}")
+    dataset = build_dataset(records, tokenizer, max_seq_len)
+    log(f"{data_path}: {len(dataset)} examples, {dataset.n_truncated} truncated to {max_seq_len} tokens, "
+        f"{dataset.n_dropped} dropped")  # fmt: skip
+
+    torch.manual_seed(cfg.seed)
+    if lora:
+        apply_lora(model, lora)
+    else:
+        model.requires_grad_(True)
+    log(describe_trainable(model))
+    trainable, total = count_parameters(model)
+    blocks = apply_checkpointing(model, grad_ckpt)
+
+    # "Before" comes from the base model (a fresh adapter is the identity), also when resuming.
+    sample_ids = [tokenizer.encode(format_prompt(r), bos=True) for r in SAMPLE_RECORDS]
+    before = generate(model, tokenizer, device, sample_ids, sample_max_gen_len)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "train_log.jsonl"
+    train(model, dataset, tokenizer.pad_id, cfg, device, log_path, run_dir / "training_state.pt", resume)
+    after = generate(model, tokenizer, device, sample_ids, sample_max_gen_len)
+
+    if lora:
+        save_adapter(model, run_dir / "adapter.pt", lora)
+    if save_merged:
+        if lora:
+            merge_lora(model)
+        save_meta(model, save_merged)
+        log(f"merged model written to {save_merged} (Meta format; --ckpt_dir {save_merged} loads it)")
+    elif not lora:
+        save_meta(model, run_dir / "model")
+
+    env = environment(device)
+    summary = {
+        "model": source.name,
+        "data": {"file": data_path.name, "examples": len(dataset), "truncated": dataset.n_truncated,
+                 "dropped": dataset.n_dropped, "max_seq_len": max_seq_len},  # fmt: skip
+        "lora": asdict(lora) if lora else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "grad_ckpt": {"policy": grad_ckpt, "blocks": len(blocks), "of": len(model.layers)},
+        "training": asdict(cfg),
+        "device": str(device),
+        "device_name": device_name(device),
+        "threads": env["threads"],
+        "allocator": allocator_settings(),
+        "versions": {k: env[k] for k in ("python", "torch", "numpy")},
+        "command": command,
+    }
+    samples = [dict(r, before=b, after=a) for r, b, a in zip(SAMPLE_RECORDS, before, after)]
+    write_run_report(out_dir, summary, read_log(log_path), samples)
+    log(f"wrote {out_dir}/summary.json, summary.md, loss.png, samples.md, train_log.jsonl")
+    return summary
+
+
+def generate(model, tokenizer, device, prompt_ids: list[list[int]], max_gen_len: int) -> list[str]:
+    """Greedy completions, fp32, one prompt at a time (no padding involved)."""
+    model.eval()
+    llama = Llama(model, tokenizer, device)
+    return [tokenizer.decode(llama.generate([ids], max_gen_len).tokens[0]) for ids in prompt_ids]

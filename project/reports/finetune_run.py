@@ -1,0 +1,126 @@
+"""A fine-tuning run's own report, rendered from its data: summary.json (settings and results), train_log.jsonl
+(one record per optimizer step) and samples.json (outputs before and after). The one renderer of the loss plot,
+the summary and the sample table, used by finetuning.py and by the phase 3 report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llama.checkpoint import atomic_write
+
+
+def loss_stats(steps: list[dict]) -> dict:
+    """First/last losses, the means of the first and last k steps, time and memory, from the step log."""
+    k = max(1, min(5, len(steps) // 4))
+    timed = steps[1:] or steps  # the first step includes one-off warm-up
+    return {
+        "steps": len(steps),
+        "skipped": sum(bool(s["skipped"]) for s in steps),
+        "loss_first": steps[0]["loss"],
+        "loss_last": steps[-1]["loss"],
+        "k": k,
+        "loss_first_k": sum(s["loss"] for s in steps[:k]) / k,
+        "loss_last_k": sum(s["loss"] for s in steps[-k:]) / k,
+        "step_s": sum(s["step_s"] for s in timed) / len(timed),
+        "tokens_per_s": sum(s["tokens"] for s in timed) / sum(s["step_s"] for s in timed),
+        "max_memory_bytes": max(s["memory_bytes"] for s in steps),
+    }
+
+
+def precision_text(training: dict) -> str:
+    scaler = ", GradScaler" if training["precision"] == "fp16" else ""
+    return f"{training['precision']} autocast, fp32 master weights{scaler}"
+
+
+def summary_markdown(summary: dict) -> str:
+    lora = summary["lora"]
+    trainable, total = summary["trainable_params"], summary["total_params"]
+    data, ckpt, versions = summary["data"], summary["grad_ckpt"], summary["versions"]
+    settings = {
+        "model": summary["model"],
+        "data": f"{data['file']} ({data['examples']} examples, {data['truncated']} truncated, "
+        f"max_seq_len {data['max_seq_len']})",
+        "LoRA": (
+            f"r {lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']}, targets {', '.join(lora['targets'])}"
+            if lora
+            else "off (full fine-tuning)"
+        ),
+        "trainable": f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)",
+        "gradient checkpointing": f"{ckpt['policy']} ({ckpt['blocks']} of {ckpt['of']} blocks)",
+        "precision": precision_text(summary["training"]),
+        "training": ", ".join(f"{k} {v}" for k, v in summary["training"].items()),
+        "device": f"{summary['device']} ({summary['device_name']}), {summary['threads']} threads",
+        "allocator": summary["allocator"],
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "command": f"`{summary['command']}`",
+    }
+    lines = ["# Fine-tuning run", ""] + [f"- **{k}**: {v}" for k, v in settings.items()] + [""]
+    r = summary.get("result")
+    if r:
+        lines += [
+            "## Result (from train_log.jsonl)",
+            "",
+            f"- optimizer steps: {r['steps']} (skipped by the GradScaler: {r['skipped']})",
+            f"- loss: first step {r['loss_first']:.4f}, last step {r['loss_last']:.4f}; mean of the first {r['k']} "
+            f"steps {r['loss_first_k']:.4f}, of the last {r['k']} steps {r['loss_last_k']:.4f} "
+            f"({r['loss_last_k'] - r['loss_first_k']:+.4f})",
+            f"- time per optimizer step (after the first): {r['step_s']:.2f} s; {r['tokens_per_s']:.0f} tokens/s",
+            f"- memory in use at the end of a step (max): {r['max_memory_bytes'] / 2**30:.2f} GiB "
+            "(CPU: resident set of the process; CUDA/MPS: allocated by tensors)",
+            "",
+            "Files: `summary.json` (this page as data), `train_log.jsonl` (every optimizer step), `loss.png`, "
+            "`samples.md` / `samples.json`.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def samples_markdown(samples: list[dict]) -> str:
+    """Instruction | before | after, one row per fixed prompt."""
+
+    def cell(text: str) -> str:
+        return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+    lines = ["| Instruction | Before | After |", "|---|---|---|"]
+    for r in samples:
+        instruction = r["instruction"] + (f"<br>Input: {r['input']}" if r.get("input") else "")
+        lines.append(f"| {cell(instruction)} | {cell(r['before'])} | {cell(r['after'])} |")
+    return "\n".join(lines)
+
+
+def plot_loss(steps: list[dict], path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], marker="o", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (mean token cross-entropy)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def loss_title(summary: dict) -> str:
+    t = summary["training"]
+    return f"{summary['model']}, {t['optimizer']} lr {t['lr']}, {t['precision']} autocast"
+
+
+def write_run_report(out_dir: Path, summary: dict, steps: list[dict], samples: list[dict]):
+    """summary.json (with the results added), summary.md, samples.json, samples.md and loss.png in out_dir."""
+    if steps:
+        summary["result"] = loss_stats(steps)
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text(out_dir / "summary.md", summary_markdown(summary))
+    write_text(out_dir / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False))
+    intro = "Alpaca prompt template (plain text), greedy decoding, at most the configured number of new tokens."
+    write_text(out_dir / "samples.md", f"# Greedy outputs before and after fine-tuning\n\n{intro}\n\n{samples_markdown(samples)}\n")
+    plot_loss(steps, out_dir / "loss.png", loss_title(summary))
+
+
+def write_text(path: Path, text: str):
+    atomic_write(path, lambda f: f.write(text.encode()))
