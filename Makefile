@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup setup-dev run test test-all reports
+.PHONY: setup setup-dev run lint test test-all reports
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,14 @@ setup-dev: setup $(VENV)/.dev
 run: setup
 	$(PY) inference.py
 
-test: setup-dev
+lint: setup-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-all: setup-dev
+test-all: lint
 	$(PY) -m pytest -q tests
 
 reports: setup

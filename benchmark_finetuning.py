@@ -8,12 +8,14 @@
 Writes under --out: measurements.csv (one row per configuration and stack), README.md (Table 3, Table 2,
 the memory breakdown), peak_and_time.png, memory_breakdown.png, timeline.png (+ timeline_*.json).
 """
+
 from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from llama.checkpoint import ModelSource
 from llama.errors import UserError

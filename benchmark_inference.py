@@ -1,12 +1,13 @@
 """Peak memory and runtime of generation with and without the KV cache (Table 1), on any model and device.
 
     python benchmark_inference.py                                   # Table 1: default model, prompt 256, 32 new
-    python benchmark_inference.py --batch_sizes 1 --input_lens 16 --output_lens 32,64,128,256 --repeats 1 --out reports/inference_output_len
+    python benchmark_inference.py --batch_sizes 1 --input_lens 16 --output_lens 32,64,128,256 --out DIR
     python benchmark_inference.py --compare hf --batch_sizes 1,16   # also run transformers' generate
     python benchmark_inference.py --shape llama3.2-1b --dtype bf16 --compare hf --batch_sizes 1,16
 
 Each configuration runs in a fresh subprocess; results.csv, summary.csv, report.md and plots go to --out.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -124,7 +125,7 @@ def main(
     results.write_csv(summary, out_dir / "summary.csv")
     plots = report.plots(summary, out_dir)
     text = report.report(summary, meta, plots)
-    atomic_write(out_dir / "report.md", lambda f: f.write(text.encode()))
+    atomic_write(out_dir / "report.md", text)
     print(text)
 
 

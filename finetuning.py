@@ -11,12 +11,14 @@ optimizer step), loss.png, samples.md / samples.json (greedy outputs for fixed p
 training, side by side). Checkpoints
 (training state for --resume, the final adapter or model) go under --run_dir.
 """
+
 from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from llama.checkpoint import ModelSource
 from llama.runtime import DTYPE_NAMES, resolve_device, resolve_dtype
@@ -84,11 +86,22 @@ def main(
         save_every=save_every,
     )
     finetune(
-        source, lora_cfg, cfg, dev, Path(out), Path(run_dir), data=data, max_seq_len=max_seq_len,
-        max_records=max_records, on_bad_record=on_bad_record, grad_ckpt=grad_ckpt, save_merged=save_merged,
-        resume=resume, sample_max_gen_len=sample_max_gen_len,
+        source,
+        lora_cfg,
+        cfg,
+        dev,
+        Path(out),
+        Path(run_dir),
+        data=data,
+        max_seq_len=max_seq_len,
+        max_records=max_records,
+        on_bad_record=on_bad_record,
+        grad_ckpt=grad_ckpt,
+        save_merged=save_merged,
+        resume=resume,
+        sample_max_gen_len=sample_max_gen_len,
         command="python " + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

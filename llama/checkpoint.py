@@ -3,15 +3,17 @@
 Every loader builds the model on the meta device, then converts one tensor at a time to the chosen
 dtype and device and assigns it, so two full copies of the weights never exist at once.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,13 +33,23 @@ META_DEFAULT_DIR = Path("~/.llama/checkpoints/Llama3.2-1B").expanduser()
 SHAPES = {
     # Llama 3.2-1B exactly (HF config.json of meta-llama/Llama-3.2-1B): 1,235,814,400 parameters.
     "llama3.2-1b": ModelArgs(
-        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=8192,
-        norm_eps=1e-5, rope_theta=500000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
-        max_seq_len=131072, tie_word_embeddings=True,
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=128256,
+        hidden_dim=8192,
+        norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+        max_seq_len=131072,
+        tie_word_embeddings=True,
     ),
-}  # fmt: skip
+}
 
-SETUP_HINT = "run `make setup` to fetch the default model, or pass --ckpt_dir with a Meta, Hugging Face or GGUF checkpoint"
+SETUP_HINT = (
+    "run `make setup` to fetch the default model, or pass --ckpt_dir with a Meta, Hugging Face or GGUF checkpoint"
+)
 
 
 # ---- building the model from tensors ---------------------------------------------------------------
@@ -49,7 +61,9 @@ def build_from_tensors(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tenso
     state = {}
     for name, t in tensors:
         if name not in expected:
-            raise UserError(f"checkpoint has an unexpected tensor {name!r}: it is not a Llama 3 checkpoint this loader knows")
+            raise UserError(
+                f"checkpoint has an unexpected tensor {name!r}: it is not a Llama 3 checkpoint this loader knows"
+            )
         if tuple(t.shape) != tuple(expected[name]):
             raise UserError(
                 f"tensor {name!r} has shape {tuple(t.shape)} but the config implies {tuple(expected[name])}: "
@@ -60,7 +74,9 @@ def build_from_tensors(args: ModelArgs, tensors: Iterator[tuple[str, torch.Tenso
         state["output.weight"] = state["tok_embeddings.weight"]
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise UserError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}: it is incomplete or not a Llama checkpoint")
+        raise UserError(
+            f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}: it is incomplete or not a Llama checkpoint"
+        )
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.reset_rope(device)
@@ -82,7 +98,9 @@ def random_model(shape: str, dtype, device, seed: int = 0) -> tuple[Transformer,
 
 def load_llama3_tokenizer(path: Path = LLAMA3_TOKENIZER) -> Llama3Tokenizer:
     if not path.exists():
-        raise UserError(f"Llama 3 tokenizer not found at {path}: run `make setup` (it takes it from the llama-models package)")
+        raise UserError(
+            f"Llama 3 tokenizer not found at {path}: run `make setup` (it takes it from the llama-models package)"
+        )
     return Llama3Tokenizer(path)
 
 
@@ -155,7 +173,9 @@ def load_meta(path: Path, dtype, device):
     if not shards:
         raise UserError(f"{path} has params.json but no consolidated.00.pth")
     if len(shards) > 1:
-        raise UserError(f"{path} has {len(shards)} model-parallel shards; only single-file checkpoints (1B-8B) are supported")
+        raise UserError(
+            f"{path} has {len(shards)} model-parallel shards; only single-file checkpoints (1B-8B) are supported"
+        )
     try:
         args = meta_args(json.loads((path / "params.json").read_text()))
     except (ValueError, TypeError) as e:
@@ -187,18 +207,22 @@ def save_meta(model: Transformer, out_dir: str | Path, tokenizer_file: Path | No
     sd = {k: v for k, v in model.state_dict().items() if not (model.args.tie_word_embeddings and k == "output.weight")}
     atomic_write(out / "consolidated.00.pth", lambda f: torch.save(sd, f))
     params = asdict(model.args)
-    atomic_write(out / "params.json", lambda f: f.write(json.dumps(params, indent=2).encode()))
+    atomic_write(out / "params.json", json.dumps(params, indent=2))
     if tokenizer_file is not None:
-        atomic_write(out / "tokenizer.model", lambda f: f.write(Path(tokenizer_file).read_bytes()))
+        atomic_write(out / "tokenizer.model", Path(tokenizer_file).read_bytes())
 
 
-def atomic_write(path: Path, write: Callable):
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+def atomic_write(path: Path, data: str | bytes | Callable):
+    """Write data (text as UTF-8, bytes, or a function given the open binary file) through a temporary file in
+    the same folder, then rename it into place: readers never see half a file."""
     path = Path(path)
+    if isinstance(data, (str, bytes)):
+        payload = data.encode() if isinstance(data, str) else data
+        data = lambda f: f.write(payload)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            data(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -214,11 +238,16 @@ HF_NAMES = {
     "lm_head.weight": "output.weight",
 }
 HF_LAYER_NAMES = {
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
-    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-}  # fmt: skip
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 def hf_to_meta_name(name: str) -> str:
@@ -275,7 +304,9 @@ def hf_args(cfg: dict) -> ModelArgs:
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
     )
     if cfg.get("head_dim", args.head_dim) != args.head_dim:
-        raise UserError("config.json sets head_dim != hidden_size / num_attention_heads, which this model does not support")
+        raise UserError(
+            "config.json sets head_dim != hidden_size / num_attention_heads, which this model does not support"
+        )
     return args
 
 
@@ -332,17 +363,27 @@ def save_hf(model: Transformer, out_dir: str | Path):
         tensors[meta_to_hf_name(name)] = t.contiguous()
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": a.dim, "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads,
-        "num_key_value_heads": a.n_kv_heads, "vocab_size": a.vocab_size, "intermediate_size": a.hidden_dim,
-        "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len,
-        "tie_word_embeddings": a.tie_word_embeddings, "hidden_act": "silu", "head_dim": a.head_dim,
-        "attention_bias": False, "mlp_bias": False,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": a.dim,
+        "num_hidden_layers": a.n_layers,
+        "num_attention_heads": a.n_heads,
+        "num_key_value_heads": a.n_kv_heads,
+        "vocab_size": a.vocab_size,
+        "intermediate_size": a.hidden_dim,
+        "rms_norm_eps": a.norm_eps,
+        "rope_theta": a.rope_theta,
+        "max_position_embeddings": a.max_seq_len,
+        "tie_word_embeddings": a.tie_word_embeddings,
+        "hidden_act": "silu",
+        "head_dim": a.head_dim,
+        "attention_bias": False,
+        "mlp_bias": False,
         "torch_dtype": dtype_name[model.tok_embeddings.weight.dtype],
         "rope_scaling": {"rope_type": "llama3", **asdict(a.rope_scaling)} if a.rope_scaling else None,
-    }  # fmt: skip
-    atomic_write(out / "model.safetensors", lambda f: f.write(_safetensors_bytes(tensors)))
-    atomic_write(out / "config.json", lambda f: f.write(json.dumps(cfg, indent=2).encode()))
+    }
+    atomic_write(out / "model.safetensors", _safetensors_bytes(tensors))
+    atomic_write(out / "config.json", json.dumps(cfg, indent=2))
 
 
 def _safetensors_bytes(tensors: dict) -> bytes:
@@ -353,11 +394,19 @@ def _safetensors_bytes(tensors: dict) -> bytes:
 
 # ---- GGUF -------------------------------------------------------------------------------------------------
 GGUF_NAMES = {
-    "token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
-    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
-    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
-    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
-}  # fmt: skip
+    "token_embd": "tok_embeddings",
+    "output_norm": "norm",
+    "output": "output",
+    "attn_q": "attention.wq",
+    "attn_k": "attention.wk",
+    "attn_v": "attention.wv",
+    "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1",
+    "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+}
 
 
 def gguf_to_meta_name(name: str) -> str:
@@ -406,7 +455,9 @@ def load_gguf(path: Path, dtype, device):
         t = by_name.pop("rope_freqs.weight")
         args.rope_freq_factors = dequantize(t.data, t.qtype).tolist()
     if meta.get("tokenizer.ggml.model") == "llama":
-        raise UserError("this GGUF carries a SentencePiece tokenizer; only byte-level BPE GGUF tokenizers are supported")
+        raise UserError(
+            "this GGUF carries a SentencePiece tokenizer; only byte-level BPE GGUF tokenizers are supported"
+        )
 
     def weights():
         for name, t in by_name.items():

@@ -5,11 +5,13 @@ and times the two phases. Prompts of different lengths are left-padded to a comm
 `pad_lens` shifts each row's positions and hides its padding, so every row computes what it would alone.
 Shapes: B batch, P padded prompt length, L = P + max_gen_len, V vocabulary.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -79,14 +81,14 @@ class Llama:
         self.model, self.tokenizer, self.device = model, tokenizer, device
 
     @staticmethod
-    def build(source: ModelSource = ModelSource(), device: str = "auto", dtype: str = "auto") -> "Llama":
+    def build(source: ModelSource = ModelSource(), device: str = "auto", dtype: str = "auto") -> Llama:
         """Load source's model (default: the embedded SmolLM2) on the device in the dtype, and say what was loaded."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         start = time.perf_counter()
         model, tokenizer = source.load(dt, dev)
-        n = sum(p.numel() for p in model.parameters())
-        log(f"loaded {source.name}: {n / 1e6:.1f}M parameters in {time.perf_counter() - start:.1f}s; {describe(dev, dt)}")
+        n = sum(p.numel() for p in model.parameters()) / 1e6
+        log(f"loaded {source.name}: {n:.1f}M parameters in {time.perf_counter() - start:.1f}s; {describe(dev, dt)}")
         return Llama(model, tokenizer, dev)
 
     @torch.inference_mode()

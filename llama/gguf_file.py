@@ -4,6 +4,7 @@ gguf's own `GGUFReader` builds numpy views for every part of every metadata fiel
 ~100k vocabulary and merge strings a tokenizer carries; this reads them with `struct` instead. Tensors are still
 dequantised by gguf's `gguf.quants.dequantize`. Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 """
+
 from __future__ import annotations
 
 import struct

@@ -6,6 +6,7 @@ H query heads, K key/value heads, d head dim (D // H), V vocabulary.
 Rotary embeddings use Meta's interleaved layout (pairs (0,1), (2,3), ...); the Hugging Face
 loader converts q/k rows from HF's rotate-half layout (see `llama/checkpoint.py`).
 """
+
 from __future__ import annotations
 
 import math
@@ -72,7 +73,7 @@ class ModelArgs:
         return self.dim // self.n_heads
 
     @classmethod
-    def from_dict(cls, params: dict) -> "ModelArgs":
+    def from_dict(cls, params: dict) -> ModelArgs:
         """Build from a dict with this class's field names; unknown keys are ignored."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in params.items() if k in names})

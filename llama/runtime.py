@@ -1,4 +1,5 @@
 """Choosing the device and dtype, and saying what was chosen."""
+
 from __future__ import annotations
 
 import sys
@@ -8,10 +9,13 @@ import torch
 from .errors import UserError
 
 DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}  # fmt: skip
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -69,8 +73,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         dtype = low_precision_dtype(device)
         if has_native_matmul(device, dtype):
             return dtype
-        log(f"dtype auto: this {device.type} ({torch.backends.cpu.get_cpu_capability()}) has no native "
-            f"{DTYPE_NAMES[dtype]} matmul, using fp32")
+        log(
+            f"dtype auto: this {device.type} ({torch.backends.cpu.get_cpu_capability()}) has no native "
+            f"{DTYPE_NAMES[dtype]} matmul, using fp32"
+        )
         return torch.float32
     if name not in DTYPES:
         raise UserError(f"unknown dtype {name!r}: use auto, fp32, bf16 or fp16")

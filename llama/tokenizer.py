@@ -9,11 +9,12 @@ Every tokenizer has `bos_id` (None when the model uses no BOS), `eos_id`, `pad_i
 token that ends a reply), `n_words`, `encode(s, bos, eos)`, `decode(ids)` and `encode_dialog(messages)`,
 which returns the prompt ids that end where the assistant's reply begins.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -31,11 +32,19 @@ class Llama3Tokenizer:
 
         ranks = load_tiktoken_bpe(str(model_path))
         names = [
-            "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-            "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-            "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
-            "<|python_tag|>", "<|image|>",
-        ]  # fmt: skip
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|reserved_special_token_0|>",
+            "<|reserved_special_token_1|>",
+            "<|finetune_right_pad_id|>",
+            "<|step_id|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|python_tag|>",
+            "<|image|>",
+        ]
         names += [f"<|reserved_special_token_{2 + i}|>" for i in range(self.num_reserved_special_tokens - len(names))]
         self.special_tokens = {name: len(ranks) + i for i, name in enumerate(names)}
         self.model = tiktoken.Encoding(
@@ -139,7 +148,7 @@ class ByteBPETokenizer:
         self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
 
     @classmethod
-    def from_gguf_fields(cls, meta: dict) -> "ByteBPETokenizer":
+    def from_gguf_fields(cls, meta: dict) -> ByteBPETokenizer:
         """Build from GGUF `tokenizer.ggml.*` metadata (already decoded to Python values)."""
         types = meta.get("tokenizer.ggml.token_type") or []
         special = {i for i, t in enumerate(types) if t in (3, 4)}  # CONTROL, USER_DEFINED
@@ -159,7 +168,7 @@ class ByteBPETokenizer:
         )
 
     @classmethod
-    def from_hf_files(cls, folder: Path) -> "ByteBPETokenizer":
+    def from_hf_files(cls, folder: Path) -> ByteBPETokenizer:
         """Build from a Hugging Face `tokenizer.json` (byte-level BPE) and `tokenizer_config.json`."""
         import json
 

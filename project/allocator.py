@@ -13,6 +13,7 @@ malloc keep freed memory in the process for reuse:
 glibc reads them once, at start-up, so the process must be started with them: `retain_freed_memory`
 re-executes the current command once with them set.
 """
+
 from __future__ import annotations
 
 import os

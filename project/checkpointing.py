@@ -12,6 +12,7 @@ of it, and no module is added, so parameter names and state_dict keys stay the s
 Policies: "none"; "all" (every block); "every-k" (blocks 0, k, 2k, ...); "sqrt" (ceil(sqrt(n)) blocks,
 evenly spread) - a middle point between the two ends.
 """
+
 from __future__ import annotations
 
 import functools

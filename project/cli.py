@@ -1,4 +1,5 @@
 """Run a python-fire entry point so that bad input ends in one clear line, not a traceback."""
+
 from __future__ import annotations
 
 import sys

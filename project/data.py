@@ -5,13 +5,15 @@ without `input`, then the response followed by the tokenizer's EOS id; the loss 
 every prompt position gets the label -100 (ignored by cross-entropy). The templates are plain text, not the
 model's chat format, as in the original recipe.
 """
+
 from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -65,7 +67,7 @@ def download_alpaca(dest: Path, url: str = ALPACA_URL, n_records: int = DEFAULT_
     if not isinstance(records, list):
         raise UserError(f"{url} did not return a JSON list of records")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(dest, lambda f: f.write(json.dumps(records[:n_records], indent=2, ensure_ascii=False).encode()))
+    atomic_write(dest, json.dumps(records[:n_records], indent=2, ensure_ascii=False))
     return dest
 
 

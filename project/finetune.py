@@ -62,8 +62,10 @@ def finetune(
     model, tokenizer = source.load(torch.float32, device)
     log(f"loaded {source.name} in {time.perf_counter() - start:.1f}s; {describe(device, torch.float32)}")
     dataset = build_dataset(records, tokenizer, max_seq_len)
-    log(f"{data_path}: {len(dataset)} examples, {dataset.n_truncated} truncated to {max_seq_len} tokens, "
-        f"{dataset.n_dropped} dropped")  # fmt: skip
+    log(
+        f"{data_path}: {len(dataset)} examples, {dataset.n_truncated} truncated to {max_seq_len} tokens, "
+        f"{dataset.n_dropped} dropped"
+    )
 
     torch.manual_seed(cfg.seed)
     if lora:
@@ -95,8 +97,13 @@ def finetune(
     env = environment(device)
     summary = {
         "model": source.name,
-        "data": {"file": data_path.name, "examples": len(dataset), "truncated": dataset.n_truncated,
-                 "dropped": dataset.n_dropped, "max_seq_len": max_seq_len},  # fmt: skip
+        "data": {
+            "file": data_path.name,
+            "examples": len(dataset),
+            "truncated": dataset.n_truncated,
+            "dropped": dataset.n_dropped,
+            "max_seq_len": max_seq_len,
+        },
         "lora": asdict(lora) if lora else None,
         "trainable_params": trainable,
         "total_params": total,

@@ -3,13 +3,14 @@
 Bytes are counted from the tensors themselves, de-duplicated by storage, so that views and shared
 (tied) weights are counted once. Process-level peaks come from the OS (CPU) or the CUDA allocator.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import resource
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -76,7 +77,7 @@ class SavedTensorMeter:
                 self.bytes += s.nbytes()
         return t
 
-    def __enter__(self) -> "SavedTensorMeter":
+    def __enter__(self) -> SavedTensorMeter:
         self._hooks.__enter__()
         return self
 
@@ -139,7 +140,7 @@ class PeakMemory:
         self.device = torch.device(device)
         self.allocated = self.reserved = self.rss = 0
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -162,8 +163,15 @@ class PeakMemory:
 # ---- timeline -------------------------------------------------------------------------------------------------------
 # Column order of torch.profiler's exported timeline (after its always-empty first column).
 TIMELINE_CATEGORIES = [
-    "parameter", "optimizer state", "input", "temporary", "activation", "gradient", "autograd detail", "unknown",
-]  # fmt: skip
+    "parameter",
+    "optimizer state",
+    "input",
+    "temporary",
+    "activation",
+    "gradient",
+    "autograd detail",
+    "unknown",
+]
 
 
 def memory_timeline(step, device: torch.device) -> dict:
@@ -190,6 +198,8 @@ def memory_timeline(step, device: torch.device) -> dict:
             times, sizes = json.load(f)
     t0 = times[0] if times else 0
     return {
-        "t_ms": [(t - t0) / 1000 for t in times], "categories": TIMELINE_CATEGORIES, "bytes": [s[1:] for s in sizes],
+        "t_ms": [(t - t0) / 1000 for t in times],
+        "categories": TIMELINE_CATEGORIES,
+        "bytes": [s[1:] for s in sizes],
         "t0_us": t0,
-    }  # fmt: skip
+    }

@@ -5,15 +5,17 @@ examples' order in each epoch is a permutation drawn from (seed, epoch), so a re
 windows as an uninterrupted one; the checkpoint also carries the RNG state (LoRA dropout) and the
 optimizer and GradScaler states, so resuming reaches the same weights.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +70,7 @@ def loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) ->
     """Summed next-token cross-entropy: logits at t (B, T-1, V) predict labels at t+1; -100 labels skipped."""
     logits = model(input_ids)[:, :-1]
     targets = labels[:, 1:]
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def autocast(device: torch.device, precision: str):
@@ -209,7 +209,9 @@ def load_training_state(path: Path, model, optimizer, scaler, cfg: TrainConfig) 
     except (OSError, RuntimeError) as e:
         raise UserError(f"cannot read checkpoint {path} to resume: {str(e).splitlines()[0]}") from None
     saved = state["config"]
-    differs = [k for k in ("lr", "optimizer", "batch_size", "grad_accum", "precision", "seed") if saved[k] != asdict(cfg)[k]]
+    differs = [
+        k for k in ("lr", "optimizer", "batch_size", "grad_accum", "precision", "seed") if saved[k] != asdict(cfg)[k]
+    ]
     if differs:
         raise UserError(
             f"--resume: {path} was made with other settings ({', '.join(f'{k}={saved[k]}' for k in differs)}); "
@@ -264,7 +266,7 @@ def train(
     # The log keeps exactly the steps the weights have seen (an interrupted run may have logged more).
     kept = [r for r in read_log(log_path) if r["step"] <= step]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+    atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     model.train()
     records = []
@@ -282,20 +284,30 @@ def train(
             seconds = time.perf_counter() - t0
             step += 1
             record = {
-                "step": step, "epoch": epoch + (index + 1) / per_epoch, "loss": result.loss,
-                "label_tokens": result.label_tokens, "tokens": result.tokens, "step_s": round(seconds, 4),
-                "tokens_per_s": round(result.tokens / seconds, 2), "lr": cfg.lr, "skipped": result.skipped,
-                "grad_norm": result.grad_norm, "loss_scale": result.scale, "memory_bytes": memory_in_use(device),
+                "step": step,
+                "epoch": epoch + (index + 1) / per_epoch,
+                "loss": result.loss,
+                "label_tokens": result.label_tokens,
+                "tokens": result.tokens,
+                "step_s": round(seconds, 4),
+                "tokens_per_s": round(result.tokens / seconds, 2),
+                "lr": cfg.lr,
+                "skipped": result.skipped,
+                "grad_norm": result.grad_norm,
+                "loss_scale": result.scale,
+                "memory_bytes": memory_in_use(device),
                 "elapsed_s": round(time.perf_counter() - start, 3),
-            }  # fmt: skip
+            }
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             records.append(record)
             bar.update(1)
             bar.set_postfix(
-                loss=f"{result.loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                mem=f"{record['memory_bytes'] / 2**30:.2f}GiB", **({"skipped": "yes"} if result.skipped else {}),
-            )  # fmt: skip
+                loss=f"{result.loss:.4f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                mem=f"{record['memory_bytes'] / 2**30:.2f}GiB",
+                **({"skipped": "yes"} if result.skipped else {}),
+            )
             if step % cfg.save_every == 0 or step == n_total:
                 save_training_state(checkpoint_path, model, optimizer, scaler, cfg, step)
     bar.close()

@@ -1,4 +1,5 @@
 """Shared test helpers: tiny random models, a minimal tokenizer, and the default model loaded once per module."""
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,18 @@ TINY_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, o
 def tiny_args(**overrides) -> ModelArgs:
     """A 2-layer GQA model (4 query heads, 2 kv heads, head dim 16) with Llama 3 rope scaling."""
     kw = dict(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=96, norm_eps=1e-5,
-        rope_theta=10000.0, rope_scaling=TINY_ROPE, max_seq_len=128, tie_word_embeddings=False,
-    )  # fmt: skip
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=256,
+        hidden_dim=96,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=TINY_ROPE,
+        max_seq_len=128,
+        tie_word_embeddings=False,
+    )
     kw.update(overrides)
     return ModelArgs(**kw)
 

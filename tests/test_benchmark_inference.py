@@ -1,5 +1,6 @@
 """benchmark_inference.py end to end on a tiny checkpoint: the files it writes, OOM handling, and that the
 numbers it records agree with hand-worked values (KV cache bytes, token counts, throughput arithmetic)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,8 +10,8 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-
 from conftest import run_script, tiny_model
+
 from llama.checkpoint import LLAMA3_TOKENIZER, load_checkpoint, save_hf
 from llama.errors import UserError
 from llama.tokenizer import Llama3Tokenizer
@@ -19,11 +20,32 @@ from project.bench.inference.prompt import prompt_tokens
 
 IN_LEN, OUT_LEN, REPEATS = 12, 5, 2
 COLUMNS = [
-    "stack", "kv_cache", "batch_size", "input_len", "output_len", "repeat", "status", "wall_s", "prefill_s",
-    "decode_s", "ms_per_token", "tokens_per_s", "decode_tokens_per_s", "peak_mib", "peak_above_weights_mib",
-    "weights_mib", "kv_cache_bytes", "n_generated", "tokens_sha", "prompt_sha", "device", "dtype", "threads",
-    "torch_version", "commit",
-]  # fmt: skip
+    "stack",
+    "kv_cache",
+    "batch_size",
+    "input_len",
+    "output_len",
+    "repeat",
+    "status",
+    "wall_s",
+    "prefill_s",
+    "decode_s",
+    "ms_per_token",
+    "tokens_per_s",
+    "decode_tokens_per_s",
+    "peak_mib",
+    "peak_above_weights_mib",
+    "weights_mib",
+    "kv_cache_bytes",
+    "n_generated",
+    "tokens_sha",
+    "prompt_sha",
+    "device",
+    "dtype",
+    "threads",
+    "torch_version",
+    "commit",
+]
 
 
 def sha(rows) -> str:
@@ -40,9 +62,28 @@ def tiny_ckpt(tmp_path_factory):
 
 
 def bench(tiny_ckpt, out, *extra):
-    proc = run_script("benchmark_inference.py", "--ckpt_dir", tiny_ckpt, "--input_lens", IN_LEN, "--output_lens",
-                      OUT_LEN, "--repeats", REPEATS, "--warmup", 1, "--device", "cpu", "--dtype", "fp32",
-                      "--threads", 1, "--out", out, *extra)  # fmt: skip
+    proc = run_script(
+        "benchmark_inference.py",
+        "--ckpt_dir",
+        tiny_ckpt,
+        "--input_lens",
+        IN_LEN,
+        "--output_lens",
+        OUT_LEN,
+        "--repeats",
+        REPEATS,
+        "--warmup",
+        1,
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--threads",
+        1,
+        "--out",
+        out,
+        *extra,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -63,7 +104,16 @@ def test_end_to_end_csv_markdown_and_oom(tiny_ckpt, tmp_path, monkeypatch):
     ok = df[df.status == "ok"]
     assert len(ok) == 3 * REPEATS
 
-    numeric = ["wall_s", "prefill_s", "decode_s", "ms_per_token", "tokens_per_s", "peak_mib", "weights_mib", "kv_cache_bytes"]
+    numeric = [
+        "wall_s",
+        "prefill_s",
+        "decode_s",
+        "ms_per_token",
+        "tokens_per_s",
+        "peak_mib",
+        "weights_mib",
+        "kv_cache_bytes",
+    ]
     assert (ok[numeric] >= 0).all().all() and ok[numeric].notna().all().all()
     assert (ok.prefill_s > 0).all() and (ok.decode_s > 0).all()
     assert (ok.prefill_s + ok.decode_s <= ok.wall_s + 1e-6).all()  # both phases lie inside the timed call

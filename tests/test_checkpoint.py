@@ -1,5 +1,6 @@
 """llama/checkpoint.py: Meta round trips, real Meta-style params.json, GGUF against transformers' GGUF loader
 (the embedded default and a tiny file with every supported tensor type), and clear errors for bad checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_, tiny_args, tiny_model
 from transformers import AutoModelForCausalLM
 
-from conftest import randomize_, tiny_args, tiny_model
 from llama.checkpoint import DEFAULT_CKPT_DIR, load_checkpoint, save_meta
 from llama.errors import UserError
 from llama.model import RopeScaling, Transformer
@@ -39,13 +40,27 @@ def test_meta_style_params_json_loads_strict(tmp_path, tied):
     """A params.json as Meta ships it (no hidden_dim, use_scaled_rope) with a consolidated.00.pth that
     includes output.weight (equal to the embeddings when the model ties them, as Llama 3.2-1B does)."""
     params = {
-        "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256, "multiple_of": 32,
-        "ffn_dim_multiplier": 1.5, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
-    }  # fmt: skip
+        "dim": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "vocab_size": 256,
+        "multiple_of": 32,
+        "ffn_dim_multiplier": 1.5,
+        "norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "use_scaled_rope": True,
+    }
     # hidden: int(2 * 256 / 3) = 170; * 1.5 = 255; rounded up to a multiple of 32 -> 256.
     # use_scaled_rope without a factor: Llama 3.2's small models use 32 (original context 8192).
-    args = tiny_args(dim=64, hidden_dim=256, rope_theta=500000.0, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
-                     max_seq_len=131072, tie_word_embeddings=tied)  # fmt: skip
+    args = tiny_args(
+        dim=64,
+        hidden_dim=256,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+        max_seq_len=131072,
+        tie_word_embeddings=tied,
+    )
     model = randomize_(Transformer(args), seed=8).eval()
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     assert "output.weight" in sd
@@ -140,10 +155,20 @@ def write_tiny_gguf(path, model: Transformer, types: dict[str, str]):
     w.add_token_types([1] * (a.vocab_size - 2) + [3, 3])
     w.add_token_merges([])
     w.add_eos_token_id(a.vocab_size - 1)
-    names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output", "attention.wq": "attn_q",
-             "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
-             "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
-             "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}  # fmt: skip
+    names = {
+        "tok_embeddings": "token_embd",
+        "norm": "output_norm",
+        "output": "output",
+        "attention.wq": "attn_q",
+        "attention.wk": "attn_k",
+        "attention.wv": "attn_v",
+        "attention.wo": "attn_output",
+        "feed_forward.w1": "ffn_gate",
+        "feed_forward.w2": "ffn_down",
+        "feed_forward.w3": "ffn_up",
+        "attention_norm": "attn_norm",
+        "ffn_norm": "ffn_norm",
+    }
     rng = np.random.default_rng(0)
     stored = {}  # what the file holds, dequantised: the reference weights
     for name, t in model.state_dict().items():
@@ -174,14 +199,23 @@ def write_tiny_gguf(path, model: Transformer, types: dict[str, str]):
 
 
 GGUF_TYPES = {
-    "token_embd.weight": "Q8_0", "output.weight": "BF16",
-    "blk.0.attn_q.weight": "Q4_0", "blk.0.attn_k.weight": "Q4_1", "blk.0.attn_v.weight": "Q8_0",
-    "blk.0.attn_output.weight": "Q4_K", "blk.0.ffn_gate.weight": "Q6_K", "blk.0.ffn_down.weight": "F16",
+    "token_embd.weight": "Q8_0",
+    "output.weight": "BF16",
+    "blk.0.attn_q.weight": "Q4_0",
+    "blk.0.attn_k.weight": "Q4_1",
+    "blk.0.attn_v.weight": "Q8_0",
+    "blk.0.attn_output.weight": "Q4_K",
+    "blk.0.ffn_gate.weight": "Q6_K",
+    "blk.0.ffn_down.weight": "F16",
     "blk.0.ffn_up.weight": "Q4_K",
-    "blk.1.attn_q.weight": "Q6_K", "blk.1.attn_k.weight": "Q4_K", "blk.1.attn_v.weight": "F16",
-    "blk.1.attn_output.weight": "Q4_0", "blk.1.ffn_gate.weight": "Q4_1", "blk.1.ffn_down.weight": "BF16",
+    "blk.1.attn_q.weight": "Q6_K",
+    "blk.1.attn_k.weight": "Q4_K",
+    "blk.1.attn_v.weight": "F16",
+    "blk.1.attn_output.weight": "Q4_0",
+    "blk.1.ffn_gate.weight": "Q4_1",
+    "blk.1.ffn_down.weight": "BF16",
     "blk.1.ffn_up.weight": "Q6_K",
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("tied", [False, True])

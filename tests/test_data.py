@@ -1,16 +1,23 @@
 """The Alpaca recipe on hand-made records: templates, label masking, EOS, BOS, truncation, validation, collation."""
+
 import json
 
 import pytest
 import torch
+from tiny_finetune import BOS, EOS, PAD, byte_tokenizer
 
 from llama.errors import UserError
 from project import data
 from project.data import (
-    IGNORE_INDEX, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, build_dataset, collate, find_dataset, tokenize_record,
+    IGNORE_INDEX,
+    PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
+    build_dataset,
+    collate,
+    find_dataset,
+    tokenize_record,
     validate_records,
-)  # fmt: skip
-from tiny_finetune import BOS, EOS, PAD, byte_tokenizer
+)
 
 
 def test_labels_mask_exactly_the_prompt_and_end_with_eos():

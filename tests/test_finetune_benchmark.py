@@ -1,11 +1,12 @@
 """The fine-tuning benchmark end to end on a tiny model: CSV rows and columns, the memory breakdown, a
 simulated out-of-memory configuration, and Table 2's arrows against the numbers beside them."""
+
 import math
 import re
 
 import pandas as pd
-import torch
 import pytest
+import torch
 
 from llama.errors import UserError
 from project.bench.finetune.configs import select
@@ -15,10 +16,30 @@ from tests.tiny_finetune import tiny_args, write_records, write_tiny_checkpoint
 
 UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 REQUIRED = [
-    "config", "stack", "status", "device", "device_name", "precision", "torch", "python", "commit", "allocator", "command",
-    "micro_s_mean", "micro_s_std", "step_s_mean", "peak_bytes", "peak_rss_bytes", "idle_rss_bytes",
-    "peak_above_idle_bytes", "param_bytes", "grad_bytes", "optim_bytes", "activation_bytes", "logits_loss_bytes",
-]  # fmt: skip
+    "config",
+    "stack",
+    "status",
+    "device",
+    "device_name",
+    "precision",
+    "torch",
+    "python",
+    "commit",
+    "allocator",
+    "command",
+    "micro_s_mean",
+    "micro_s_std",
+    "step_s_mean",
+    "peak_bytes",
+    "peak_rss_bytes",
+    "idle_rss_bytes",
+    "peak_above_idle_bytes",
+    "param_bytes",
+    "grad_bytes",
+    "optim_bytes",
+    "activation_bytes",
+    "logits_loss_bytes",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +48,27 @@ def bench(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     ckpt, data, out = write_tiny_checkpoint(tmp / "ckpt"), write_records(tmp / "records.json"), tmp / "out"
     proc = run_script(
-        "benchmark_finetuning.py", "--ckpt_dir", ckpt, "--data", data, "--configs", "vanilla,ckpt,lora",
-        "--examples", 2, "--simulate_oom", "ckpt", "--timelines", "vanilla", "--device", "cpu",
-        "--out", out, "--run_dir", tmp / "runs", timeout=300,
-    )  # fmt: skip
+        "benchmark_finetuning.py",
+        "--ckpt_dir",
+        ckpt,
+        "--data",
+        data,
+        "--configs",
+        "vanilla,ckpt,lora",
+        "--examples",
+        2,
+        "--simulate_oom",
+        "ckpt",
+        "--timelines",
+        "vanilla",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--run_dir",
+        tmp / "runs",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return pd.read_csv(out / "measurements.csv"), (out / "README.md").read_text(), out
 
@@ -50,9 +88,12 @@ def test_csv_rows_columns_and_numbers(bench):
 def test_breakdown_parts_match_hand_counts_and_fit_in_the_peak(bench):
     frame, _, _ = bench
     a = tiny_args()
-    n_params = a.vocab_size * a.dim * 2 + a.n_layers * (
-        a.dim * a.dim * 2 + 2 * a.dim * a.n_kv_heads * a.head_dim + 3 * a.dim * a.hidden_dim + 2 * a.dim
-    ) + a.dim  # fmt: skip
+    n_params = (
+        a.vocab_size * a.dim * 2
+        + a.n_layers
+        * (a.dim * a.dim * 2 + 2 * a.dim * a.n_kv_heads * a.head_dim + 3 * a.dim * a.hidden_dim + 2 * a.dim)
+        + a.dim
+    )
     kv = a.n_kv_heads * a.head_dim
     lora_params = a.n_layers * 16 * ((a.dim + a.dim) + (a.dim + kv))  # r 16 on wq (dim->dim) and wv (dim->kv)
     vanilla = frame.set_index("config").loc["vanilla"]
@@ -79,8 +120,13 @@ def test_table2_arrows_match_the_numbers_beside_them(bench):
     cells = dict(zip(header, (c.strip() for c in lora_line.strip("|").split("|"))))
     row = frame.set_index("config").loc["lora"]
     base = frame.set_index("config").loc["vanilla"]
-    columns = {"Parameters": "param_bytes", "Activations": "activation_bytes", "Gradients": "grad_bytes",
-               "Optimizer state": "optim_bytes", "Peak memory": "peak_bytes"}  # fmt: skip
+    columns = {
+        "Parameters": "param_bytes",
+        "Activations": "activation_bytes",
+        "Gradients": "grad_bytes",
+        "Optimizer state": "optim_bytes",
+        "Peak memory": "peak_bytes",
+    }
     for label, col in columns.items():
         m = re.fullmatch(r"([↑↓−])(?: ([+-]\d+\.\d)%)? \((.+) → (.+)\)", cells[label])
         assert m, cells[label]
@@ -113,9 +159,17 @@ def test_arrow_threshold_by_hand():
 
 def test_configuration_names():
     assert [c.name for c in select(None)] == [
-        "vanilla", "ckpt", "amp", "lora", "ckpt+amp", "ckpt+lora", "amp+lora", "ckpt+amp+lora",
-        "accum8", "ckpt+amp+lora+accum8",
-    ]  # fmt: skip
+        "vanilla",
+        "ckpt",
+        "amp",
+        "lora",
+        "ckpt+amp",
+        "ckpt+lora",
+        "amp+lora",
+        "ckpt+amp+lora",
+        "accum8",
+        "ckpt+amp+lora+accum8",
+    ]
     with pytest.raises(UserError, match="unknown configuration"):
         select("vanilla,fast")
 
@@ -124,15 +178,36 @@ def test_configuration_names():
 def test_compare_hf_runs_both_stacks(tmp_path):
     ckpt, data = write_tiny_checkpoint(tmp_path / "ckpt"), write_records(tmp_path / "records.json")
     proc = run_script(
-        "benchmark_finetuning.py", "--ckpt_dir", ckpt, "--data", data, "--configs", "vanilla,ckpt+amp+lora",
-        "--examples", 2, "--compare", "hf", "--timelines", "", "--device", "cpu", "--emulated_amp", "--out", tmp_path / "out",
-        "--run_dir", tmp_path / "runs", timeout=600,
-    )  # fmt: skip
+        "benchmark_finetuning.py",
+        "--ckpt_dir",
+        ckpt,
+        "--data",
+        data,
+        "--configs",
+        "vanilla,ckpt+amp+lora",
+        "--examples",
+        2,
+        "--compare",
+        "hf",
+        "--timelines",
+        "",
+        "--device",
+        "cpu",
+        "--emulated_amp",
+        "--out",
+        tmp_path / "out",
+        "--run_dir",
+        tmp_path / "runs",
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     frame = pd.read_csv(tmp_path / "out" / "measurements.csv")
     assert list(zip(frame.config, frame["stack"], frame.status)) == [
-        ("vanilla", "ours", "ok"), ("vanilla", "hf", "ok"), ("ckpt+amp+lora", "ours", "ok"), ("ckpt+amp+lora", "hf", "ok")
-    ]  # fmt: skip
+        ("vanilla", "ours", "ok"),
+        ("vanilla", "hf", "ok"),
+        ("ckpt+amp+lora", "ours", "ok"),
+        ("ckpt+amp+lora", "hf", "ok"),
+    ]
     hf = frame[frame["stack"] == "hf"].set_index("config")
     ours = frame[frame["stack"] == "ours"].set_index("config")
     # Same weights: the same parameter bytes (full) and the same adapter gradient bytes (LoRA on q, v).
@@ -147,9 +222,21 @@ def test_mixed_precision_is_skipped_where_the_cpu_only_emulates_it(tmp_path, mon
     from project.bench.finetune import sweep
 
     monkeypatch.setattr(sweep, "has_native_matmul", lambda device, dtype: dtype != torch.bfloat16)
-    ckpt, data, out = write_tiny_checkpoint(tmp_path / "ckpt"), write_records(tmp_path / "records.json"), tmp_path / "out"
-    benchmark_finetuning.main(configs="amp,lora", ckpt_dir=str(ckpt), data=str(data), examples=1, timelines=(),
-                              device="cpu", out=str(out), run_dir=str(tmp_path / "runs"))  # fmt: skip
+    ckpt, data, out = (
+        write_tiny_checkpoint(tmp_path / "ckpt"),
+        write_records(tmp_path / "records.json"),
+        tmp_path / "out",
+    )
+    benchmark_finetuning.main(
+        configs="amp,lora",
+        ckpt_dir=str(ckpt),
+        data=str(data),
+        examples=1,
+        timelines=(),
+        device="cpu",
+        out=str(out),
+        run_dir=str(tmp_path / "runs"),
+    )
     frame = pd.read_csv(out / "measurements.csv")
     assert list(zip(frame.config, frame.status)) == [("amp", "skipped"), ("lora", "ok")]
     assert "--emulated_amp" in frame.message[0]

@@ -1,12 +1,13 @@
 """llama/generation.py: the KV cache changes nothing but speed, batching changes nothing per row, sampling is
 reproducible and reduces to greedy where it should, stop tokens end rows, and the cache is used as designed."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ToyTokenizer, tiny_model
 from transformers import LlamaForCausalLM
 
-from conftest import ToyTokenizer, tiny_model
 from llama.checkpoint import save_hf
 from llama.generation import Llama, decode_one_token, prefill, sample
 from llama.model import KVCache
@@ -30,8 +31,14 @@ def test_greedy_matches_transformers_generate(tmp_path, tiny_llama, use_kv_cache
     save_hf(tiny_llama.model, tmp_path)
     hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     for p in PROMPTS:
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=GEN, do_sample=False, min_new_tokens=GEN,
-                          pad_token_id=0, eos_token_id=None)[0, len(p):].tolist()  # fmt: skip
+        ref = hf.generate(
+            torch.tensor([p]),
+            max_new_tokens=GEN,
+            do_sample=False,
+            min_new_tokens=GEN,
+            pad_token_id=0,
+            eos_token_id=None,
+        )[0, len(p) :].tolist()
         assert greedy(tiny_llama, [p], use_kv_cache) == [ref]
 
 
@@ -48,7 +55,9 @@ def test_greedy_default_model_cache_on_off_and_batch(default_model):
     model, tok = default_model
     llama = Llama(model, tok, torch.device("cpu"))
     prompts = [  # short prompts of different lengths keep the cache-off runs cheap
-        tok.encode_dialog([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]),
+        tok.encode_dialog(
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+        ),
         tok.encode("def fibonacci(n):"),
     ]
     singles = [greedy(llama, [p], True, n=8, stop_at_eos=False)[0] for p in prompts]
@@ -118,9 +127,11 @@ def test_cache_written_in_place_and_absent_when_off(tiny_llama, monkeypatch):
     try:
         ptrs = []
         out = tiny_llama.generate(
-            PROMPTS, 8, use_kv_cache=True,
+            PROMPTS,
+            8,
+            use_kv_cache=True,
             on_token=lambda step, nxt: ptrs.append(model.layers[0].attention.cache.k.data_ptr()),
-        )  # fmt: skip
+        )
         assert len(allocations) == model.args.n_layers  # one cache per layer, once per call
         assert len(set(ptrs)) == 1 and len(ptrs) == 8
         longest = max(map(len, PROMPTS))
@@ -132,9 +143,11 @@ def test_cache_written_in_place_and_absent_when_off(tiny_llama, monkeypatch):
         allocations.clear()
         caches = []
         out = tiny_llama.generate(
-            PROMPTS, 8, use_kv_cache=False,
+            PROMPTS,
+            8,
+            use_kv_cache=False,
             on_token=lambda step, nxt: caches.append([l.attention.cache for l in model.layers]),
-        )  # fmt: skip
+        )
         assert allocations == [] and out.kv_cache_bytes == 0
         assert all(c is None for step in caches for c in step)
     finally:

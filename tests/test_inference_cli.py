@@ -1,4 +1,5 @@
 """inference.py as a user runs it: the default model answers, bad input ends in one clear line without a traceback."""
+
 from __future__ import annotations
 
 import io
@@ -7,8 +8,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import run_script, tiny_model
+
 from llama.checkpoint import save_meta
 
 
@@ -35,16 +36,28 @@ def test_capital_of_france_short():
 def tiny_ckpt(tmp_path_factory, llama3_tokenizer_path):
     """A tiny Meta-format checkpoint with the Llama 3 tokenizer and a 32-token context."""
     path = tmp_path_factory.mktemp("tiny_ckpt")
-    model = tiny_model(dim=16, n_heads=2, n_kv_heads=1, hidden_dim=32, vocab_size=128256, max_seq_len=32,
-                       tie_word_embeddings=True)  # fmt: skip
+    model = tiny_model(
+        dim=16, n_heads=2, n_kv_heads=1, hidden_dim=32, vocab_size=128256, max_seq_len=32, tie_word_embeddings=True
+    )
     save_meta(model, path, tokenizer_file=llama3_tokenizer_path)
     return path
 
 
 def test_tiny_checkpoint_runs(tiny_ckpt):
     """The error cases below fail for the reason they name: this checkpoint itself is fine."""
-    proc = run_script("inference.py", "--ckpt_dir", tiny_ckpt, "--prompt", "Hi", "--max_gen_len", "4",
-                      "--device", "cpu", "--dtype", "fp32")  # fmt: skip
+    proc = run_script(
+        "inference.py",
+        "--ckpt_dir",
+        tiny_ckpt,
+        "--prompt",
+        "Hi",
+        "--max_gen_len",
+        "4",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+    )
     assert proc.returncode == 0, proc.stderr
     assert ">>> Hi" in proc.stdout
 
@@ -73,14 +86,16 @@ def test_weights_that_do_not_match_the_config(tmp_path, tiny_ckpt):
     params = json.loads((tiny_ckpt / "params.json").read_text())
     (tmp_path / "params.json").unlink()
     (tmp_path / "params.json").write_text(json.dumps({**params, "dim": 32}))
-    assert_one_clear_line(run_script("inference.py", "--ckpt_dir", tmp_path, "--dtype", "fp32"),
-                          "does not match the weights")  # fmt: skip
+    assert_one_clear_line(
+        run_script("inference.py", "--ckpt_dir", tmp_path, "--dtype", "fp32"), "does not match the weights"
+    )
 
 
 def test_prompt_longer_than_the_context(tiny_ckpt):
     long_prompt = "word " * 40  # 40+ tokens for a 32-token context
-    proc = run_script("inference.py", "--ckpt_dir", tiny_ckpt, "--prompt", long_prompt, "--max_gen_len", "4",
-                      "--dtype", "fp32")  # fmt: skip
+    proc = run_script(
+        "inference.py", "--ckpt_dir", tiny_ckpt, "--prompt", long_prompt, "--max_gen_len", "4", "--dtype", "fp32"
+    )
     assert_one_clear_line(proc, "exceeds the model's context of 32")
 
 

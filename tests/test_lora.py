@@ -1,18 +1,26 @@
 """LoRA against its defining equation and the base model: init, freezing, merge, counts, adapter files."""
+
 import copy
 import math
 
 import pytest
 import torch
+from tiny_finetune import tiny_model
 from torch import nn
 
 from llama.checkpoint import SHAPES, load_checkpoint, save_meta
 from llama.errors import UserError
 from llama.model import Transformer
 from project.model.lora import (
-    LoRAConfig, LoRALinear, adapter_state_dict, apply_lora, count_parameters, load_adapter, merge_lora, save_adapter,
-)  # fmt: skip
-from tiny_finetune import tiny_model
+    LoRAConfig,
+    LoRALinear,
+    adapter_state_dict,
+    apply_lora,
+    count_parameters,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+)
 
 
 def tokens(seed=0, shape=(2, 12)):

@@ -1,4 +1,5 @@
 """The memory meters against byte counts worked out by hand."""
+
 import torch
 from torch import nn
 
@@ -39,7 +40,9 @@ def test_saved_bytes_dedupe_views_and_skip_parameters():
 
 def _tiny():
     torch.manual_seed(0)
-    return Transformer(ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=128, max_seq_len=64))
+    return Transformer(
+        ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=128, max_seq_len=64)
+    )
 
 
 def test_checkpointing_every_block_lowers_saved_bytes():

@@ -1,15 +1,16 @@
 """llama/model.py against independent references: transformers' LlamaForCausalLM, and hand-worked values."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from conftest import TINY_ROPE, randomize_, tiny_args, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import TINY_ROPE, randomize_, tiny_args, tiny_model
 from llama.checkpoint import interleaved_to_rotate_half, load_checkpoint, save_hf
-from llama.model import KVCache, ModelArgs, RMSNorm, RopeScaling, Transformer, apply_rope, rope_inv_freq
+from llama.model import KVCache, ModelArgs, RMSNorm, RopeScaling, apply_rope, rope_inv_freq
 from project.checkpointing import apply_checkpointing
 
 # (name, ModelArgs overrides): GQA + Llama 3 scaling; tied embeddings without scaling (plain MHA);
@@ -26,14 +27,27 @@ def hf_config(a: ModelArgs) -> LlamaConfig:
     rope = None
     if a.rope_scaling is not None:
         s = a.rope_scaling
-        rope = dict(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
-                    high_freq_factor=s.high_freq_factor, original_max_position_embeddings=s.original_max_position_embeddings)  # fmt: skip
+        rope = dict(
+            rope_type="llama3",
+            factor=s.factor,
+            low_freq_factor=s.low_freq_factor,
+            high_freq_factor=s.high_freq_factor,
+            original_max_position_embeddings=s.original_max_position_embeddings,
+        )
     return LlamaConfig(
-        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, max_position_embeddings=a.max_seq_len,
-        rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, rope_scaling=rope, tie_word_embeddings=a.tie_word_embeddings,
+        vocab_size=a.vocab_size,
+        hidden_size=a.dim,
+        intermediate_size=a.hidden_dim,
+        num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_kv_heads,
+        max_position_embeddings=a.max_seq_len,
+        rms_norm_eps=a.norm_eps,
+        rope_theta=a.rope_theta,
+        rope_scaling=rope,
+        tie_word_embeddings=a.tie_word_embeddings,
         attn_implementation="eager",
-    )  # fmt: skip
+    )
 
 
 def tokens(batch=2, seq=SEQ_LEN, vocab=256, seed=0):
@@ -177,7 +191,9 @@ def test_llama3_rope_scaling_hand_worked():
     # i=4: freq 0.01, wavelength 628 > 64: divided by the factor.
     assert got[4].item() == pytest.approx(0.01 / 8)
     # GGUF rope_freqs factors divide each frequency.
-    b = ModelArgs(dim=4, n_layers=1, n_heads=1, vocab_size=8, hidden_dim=8, rope_theta=10000.0, rope_freq_factors=[2.0, 4.0])
+    b = ModelArgs(
+        dim=4, n_layers=1, n_heads=1, vocab_size=8, hidden_dim=8, rope_theta=10000.0, rope_freq_factors=[2.0, 4.0]
+    )
     torch.testing.assert_close(rope_inv_freq(b), torch.tensor([0.5, 0.0025]))
 
 

@@ -1,13 +1,13 @@
 """llama/tokenizer.py against independent references: transformers' tokenizers for the default GGUF, the Llama 3
 tokenizer.model (converted by transformers' TikTokenConverter, run by the `tokenizers` library) and a SentencePiece
 model trained here; plus hand-known Llama 3 ids."""
+
 from __future__ import annotations
 
 import io
 import random
 
 import pytest
-import torch
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
 from llama.checkpoint import DEFAULT_CKPT_DIR
@@ -23,7 +23,7 @@ SAMPLES = [
     "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n\tif x != 0:\n\t\tpass\n",
     "whitespace    runs  and\ttabs\t\tand\n\n\nnewlines   \n  \r\n trailing   ",
     "   leading spaces",
-    "<html><body class=\"x\">&amp; &lt;tag&gt;</body></html>",
+    '<html><body class="x">&amp; &lt;tag&gt;</body></html>',
     "MiXeD CaSe WORDS and ALLCAPS, camelCaseIdentifiers, snake_case_names.",
     "",
 ]
@@ -57,9 +57,13 @@ def test_default_chat_format_matches_the_checkpoint_template(default_tokenizers)
     ours, ref = default_tokenizers
     dialogs = [
         [{"role": "user", "content": "What is the capital of France?"}],
-        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2 + 2 = ?"},
-         {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 × 3?"}],
-    ]  # fmt: skip
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "2 + 2 = ?"},
+            {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "And 3 × 3?"},
+        ],
+    ]
     for d in dialogs:
         expected = ref.apply_chat_template(d, add_generation_prompt=True, tokenize=True)
         expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
@@ -104,7 +108,10 @@ def test_llama3_chat_format(llama3):
     """Meta's layout: <|begin_of_text|> then <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> per
     message, ending with the assistant header; checked against the reference encoding that text with specials."""
     ours, ref = llama3
-    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " What is the capital of France? "}]
+    dialog = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": " What is the capital of France? "},
+    ]
     text = (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of France?<|eot_id|>"
@@ -126,9 +133,13 @@ def sp_model(tmp_path_factory):
     corpus = [" ".join(rng.choice(words) for _ in range(12)) + f" {rng.randint(0, 999)}." for _ in range(400)]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=buf, vocab_size=400, model_type="bpe", byte_fallback=True,
+        sentence_iterator=iter(corpus),
+        model_writer=buf,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
         minloglevel=2,
-    )  # fmt: skip
+    )
     path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
     path.write_bytes(buf.getvalue())
     return path
@@ -156,12 +167,19 @@ def test_sentencepiece_matches_processor_and_transformers(sp_model):
 
 def test_sentencepiece_llama2_chat_format(sp_model):
     tok = load_tokenizer_file(sp_model)
-    dialog = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
-              {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]  # fmt: skip
+    dialog = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"},
+    ]
     expected = (
-        [1] + tok.sp.encode("[INST] <<SYS>>\nS\n<</SYS>>\n\nQ1 [/INST] A1 ") + [2]
-        + [1] + tok.sp.encode("[INST] Q2 [/INST]")
-    )  # fmt: skip
+        [1]
+        + tok.sp.encode("[INST] <<SYS>>\nS\n<</SYS>>\n\nQ1 [/INST] A1 ")
+        + [2]
+        + [1]
+        + tok.sp.encode("[INST] Q2 [/INST]")
+    )
     assert tok.encode_dialog(dialog) == expected
 
 

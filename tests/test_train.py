@@ -1,4 +1,5 @@
 """The training loop: loss normalisation under accumulation, checkpointing, mixed precision, end to end, resume."""
+
 import functools
 import json
 import subprocess
@@ -6,18 +7,18 @@ import sys
 
 import pytest
 import torch
+from tiny_finetune import PAD, RECORDS, byte_tokenizer, grads, tiny_model, write_records, write_tiny_checkpoint
 
 import finetuning
-from project import finetune
 from llama.checkpoint import REPO_ROOT
 from llama.errors import UserError
 from llama.runtime import has_native_matmul
+from project import finetune
 from project.checkpointing import apply_checkpointing, checkpoint_blocks
 from project.data import IGNORE_INDEX, build_dataset, collate
 from project.memory import SavedTensorMeter
 from project.model.lora import LoRAConfig, apply_lora
 from project.train import TrainConfig, label_tokens, loss_sum, make_scaler, train, train_step
-from tiny_finetune import PAD, RECORDS, byte_tokenizer, grads, tiny_model, write_records, write_tiny_checkpoint
 
 
 class RecordGrads(torch.optim.SGD):
@@ -140,7 +141,6 @@ def test_mixed_precision_step_lowers_the_loss_on_a_repeated_batch(precision):
 
 
 def test_an_overflowing_fp16_step_is_skipped_by_the_scaler():
-    cpu = torch.device("cpu")
     model = apply_lora(tiny_model(), LoRAConfig(r=4, alpha=8.0, dropout=0.0))
     with torch.no_grad():  # non-zero B so that every adapter gets a gradient
         for m in model.modules():
@@ -169,8 +169,16 @@ def tiny_run(tmp_path_factory):
 
 def run_finetuning(tiny_run, name, **kw):
     ckpt, data, root = tiny_run
-    args = dict(ckpt_dir=str(ckpt), data=str(data), out=str(root / name / "reports"), run_dir=str(root / name / "run"),
-                grad_accum=2, lr=1e-2, optimizer="adamw", sample_max_gen_len=4)  # fmt: skip
+    args = dict(
+        ckpt_dir=str(ckpt),
+        data=str(data),
+        out=str(root / name / "reports"),
+        run_dir=str(root / name / "run"),
+        grad_accum=2,
+        lr=1e-2,
+        optimizer="adamw",
+        sample_max_gen_len=4,
+    )
     finetuning.main(**{**args, **kw})
     out = root / name
     return out, [json.loads(line) for line in (out / "reports" / "train_log.jsonl").read_text().splitlines()]

@@ -1,4 +1,5 @@
 """Helpers for the fine-tuning tests: a byte-level tokenizer with real special tokens, tiny models, records."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ def byte_tokenizer(bos: bool = False) -> ByteBPETokenizer:
 
 
 def tiny_args(**kw) -> ModelArgs:
-    base = dict(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=259, hidden_dim=64,
-                rope_theta=10000.0, max_seq_len=512)  # fmt: skip
+    base = dict(
+        dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=259, hidden_dim=64, rope_theta=10000.0, max_seq_len=512
+    )
     return ModelArgs(**{**base, **kw})
 
 
@@ -50,10 +52,12 @@ def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     b2u = _byte_to_unicode()
     tokenizer = {
         "model": {"type": "BPE", "vocab": {b2u[b]: b for b in range(256)}, "merges": []},
-        "added_tokens": [{"id": EOS, "content": "<|im_end|>", "special": True},
-                         {"id": PAD, "content": "<|pad|>", "special": True},
-                         {"id": BOS, "content": "<|bos|>", "special": True}],
-    }  # fmt: skip
+        "added_tokens": [
+            {"id": EOS, "content": "<|im_end|>", "special": True},
+            {"id": PAD, "content": "<|pad|>", "special": True},
+            {"id": BOS, "content": "<|bos|>", "special": True},
+        ],
+    }
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|pad|>"}))
     return folder

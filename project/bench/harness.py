@@ -22,9 +22,10 @@ import signal
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -72,7 +73,7 @@ def child_main(measure: Callable[[dict, dict], None]) -> None:
         traceback.print_exc()
         first_line = str(e).splitlines()[0] if str(e) else ""
         result.update(status="OOM" if is_out_of_memory(e) else "error", message=f"{type(e).__name__}: {first_line}")
-    atomic_write(Path(result_path), lambda f: f.write(json.dumps(result).encode()))
+    atomic_write(Path(result_path), json.dumps(result))
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -131,6 +132,8 @@ def git_commit() -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+        return git("rev-parse", "--short", "HEAD") + (
+            "+changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -3,6 +3,7 @@
 A (r, in) starts Kaiming-uniform and B (out, r) at zero, so a fresh adapter leaves the model unchanged.
 The adapter stays fp32 whatever the base weights' dtype; autocast casts it for the matmul.
 """
+
 from __future__ import annotations
 
 import math
@@ -129,7 +130,10 @@ def save_adapter(model: nn.Module, path: str | Path, cfg: LoRAConfig):
     """Adapter-only weights + the LoRA config (r, alpha, dropout, targets), written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"config": {**asdict(cfg), "targets": list(cfg.targets)}, "state_dict": {k: v.detach().cpu() for k, v in adapter_state_dict(model).items()}}
+    payload = {
+        "config": {**asdict(cfg), "targets": list(cfg.targets)},
+        "state_dict": {k: v.detach().cpu() for k, v in adapter_state_dict(model).items()},
+    }
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -144,8 +148,10 @@ def load_adapter(model: nn.Module, path: str | Path) -> dict:
         raise UserError(f"adapter {path} was made for other LoRA targets: {payload['config']}")
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise UserError(f"adapter {path} tensor {name} has shape {tuple(tensor.shape)}, expected "
-                            f"{tuple(expected[name].shape)}: it was made with another rank or model")  # fmt: skip
+            raise UserError(
+                f"adapter {path} tensor {name} has shape {tuple(tensor.shape)}, expected "
+                f"{tuple(expected[name].shape)}: it was made with another rank or model"
+            )
     model.load_state_dict(state, strict=False)
     return payload["config"]
 

@@ -13,16 +13,19 @@ warm-up steps. Memory is measured by what holds it:
 Each part is its largest value over the measured micro-batches. The meters are passive
 saved-tensor hooks (one Python call per saved tensor), active in every configuration alike.
 """
+
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -31,7 +34,6 @@ from llama.checkpoint import ModelSource
 from llama.runtime import synchronize
 from project.allocator import allocator_settings
 from project.bench.harness import child_main
-from project.model.lora import LoRAConfig
 from project.memory import (
     PeakMemory,
     SavedTensorMeter,
@@ -41,6 +43,7 @@ from project.memory import (
     parameter_bytes,
     rss_bytes,
 )
+from project.model.lora import LoRAConfig
 
 
 @dataclass
@@ -67,7 +70,7 @@ class Spec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Spec":
+    def from_dict(cls, d: dict) -> Spec:
         lora = LoRAConfig(**d["lora"]) if d["lora"] else None
         return cls(**{**d, "lora": lora, "source": ModelSource(**d["source"])})
 
@@ -140,7 +143,9 @@ def windows_of(examples: list[dict], spec: Spec, device) -> list[list[tuple[torc
     """
     n = len(examples) * spec.passes
     n = -(-n // spec.grad_accum) * spec.grad_accum
-    tensors = [(torch.tensor([e["input_ids"]], device=device), torch.tensor([e["labels"]], device=device)) for e in examples]
+    tensors = [
+        (torch.tensor([e["input_ids"]], device=device), torch.tensor([e["labels"]], device=device)) for e in examples
+    ]
     batches = [tensors[i % len(tensors)] for i in range(n)]
     return [batches[i : i + spec.grad_accum] for i in range(0, n, spec.grad_accum)]
 
@@ -153,7 +158,7 @@ def run_window(stack: Stack, meters: Meters, window, device, times: Optional[dic
     loss = 0.0
     for input_ids, labels in window:
         t0 = time.perf_counter()
-        loss += meters.micro_batch(lambda: stack.micro_batch(input_ids, labels, n_labels))
+        loss += meters.micro_batch(functools.partial(stack.micro_batch, input_ids, labels, n_labels))
         synchronize(device)
         if times is not None:
             times["micro"].append(time.perf_counter() - t0)
@@ -171,9 +176,12 @@ def run_window(stack: Stack, meters: Meters, window, device, times: Optional[dic
 
 def spread(values: list[float]) -> dict:
     return {
-        "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else float("nan"),
-        "min": min(values), "max": max(values), "n": len(values),
-    }  # fmt: skip
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else float("nan"),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def measure(stack: Stack, spec: Spec, examples: list[dict]) -> dict:
@@ -207,19 +215,39 @@ def measure(stack: Stack, spec: Spec, examples: list[dict]) -> dict:
     micro, step, update = spread(times["micro"]), spread(times["step"]), spread(times["update"])
     trainable = sum(p.numel() for p in {id(p): p for p in stack.model.parameters()}.values() if p.requires_grad)
     result = {
-        "micro_batches": len(times["micro"]), "optimizer_steps": n_steps, "tokens": tokens,
-        "micro_s_mean": micro["mean"], "micro_s_std": micro["std"], "micro_s_min": micro["min"], "micro_s_max": micro["max"],
-        "step_s_mean": step["mean"], "step_s_std": step["std"], "step_s_min": step["min"], "step_s_max": step["max"],
-        "update_s_mean": update["mean"], "tokens_per_s": tokens / sum(times["step"]),
-        "loss_first": losses[0], "loss_last": losses[-1], "skipped_steps": skipped,
-        "peak_allocated_bytes": peak.allocated, "peak_reserved_bytes": peak.reserved, "peak_rss_bytes": peak.rss,
-        "peak_rss_reset": peak.reset_ok, "idle_rss_bytes": idle_rss, "idle_allocated_bytes": idle_allocated,
-        "peak_bytes": peak.peak, "peak_above_idle_bytes": peak.peak - (idle_allocated if device.type == "cuda" else idle_rss),
-        "param_bytes": parameter_bytes(stack.model), "grad_bytes": meters.grads, "optim_bytes": optimizer_state_bytes(stack.optimizer),
-        "activation_bytes": meters.activations, "logits_loss_bytes": meters.loss_side,
-        "trainable_params": trainable, "page_faults_per_step": (usage1.ru_minflt - usage0.ru_minflt) / n_steps,
+        "micro_batches": len(times["micro"]),
+        "optimizer_steps": n_steps,
+        "tokens": tokens,
+        "micro_s_mean": micro["mean"],
+        "micro_s_std": micro["std"],
+        "micro_s_min": micro["min"],
+        "micro_s_max": micro["max"],
+        "step_s_mean": step["mean"],
+        "step_s_std": step["std"],
+        "step_s_min": step["min"],
+        "step_s_max": step["max"],
+        "update_s_mean": update["mean"],
+        "tokens_per_s": tokens / sum(times["step"]),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "skipped_steps": skipped,
+        "peak_allocated_bytes": peak.allocated,
+        "peak_reserved_bytes": peak.reserved,
+        "peak_rss_bytes": peak.rss,
+        "peak_rss_reset": peak.reset_ok,
+        "idle_rss_bytes": idle_rss,
+        "idle_allocated_bytes": idle_allocated,
+        "peak_bytes": peak.peak,
+        "peak_above_idle_bytes": peak.peak - (idle_allocated if device.type == "cuda" else idle_rss),
+        "param_bytes": parameter_bytes(stack.model),
+        "grad_bytes": meters.grads,
+        "optim_bytes": optimizer_state_bytes(stack.optimizer),
+        "activation_bytes": meters.activations,
+        "logits_loss_bytes": meters.loss_side,
+        "trainable_params": trainable,
+        "page_faults_per_step": (usage1.ru_minflt - usage0.ru_minflt) / n_steps,
         "sys_s_per_step": (usage1.ru_stime - usage0.ru_stime) / n_steps,
-    }  # fmt: skip
+    }
     if spec.timeline:
         write_timeline(stack, meters, windows[0], device, spec.timeline)
     return result

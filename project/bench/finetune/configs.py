@@ -1,4 +1,5 @@
 """The configurations the benchmark runs: 2 x 2 x 2 techniques, plus gradient accumulation at both ends."""
+
 from __future__ import annotations
 
 import itertools
@@ -10,7 +11,9 @@ from llama.errors import UserError
 @dataclass(frozen=True)
 class BenchConfig:
     grad_ckpt: bool  # every block checkpointed (policy "all") or none
-    amp: bool  # mixed precision: autocast in the device's 16-bit dtype (bf16, or fp16 + GradScaler); fp32 master weights
+    amp: (
+        bool  # mixed precision: autocast in the device's 16-bit dtype (bf16, or fp16 + GradScaler); fp32 master weights
+    )
     lora: bool  # LoRA on wq, wv (everything else frozen) or full fine-tuning
     grad_accum: int = 1  # micro-batches per optimizer step
 

@@ -7,6 +7,7 @@ optimizer and GradScaler (project/train.py's), same timing and meters (child.py)
 model code: `LlamaForCausalLM` with its own loss, `gradient_checkpointing_enable()` (non-reentrant),
 peft's LoRA. This is the only module that imports transformers or peft, and only in this process.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,7 +15,15 @@ import torch
 from project.bench.finetune.child import Spec, Stack, main
 
 # Meta projection names -> Hugging Face module names.
-HF_TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}  # fmt: skip
+HF_TARGETS = {
+    "wq": "q_proj",
+    "wk": "k_proj",
+    "wv": "v_proj",
+    "wo": "o_proj",
+    "w1": "gate_proj",
+    "w2": "down_proj",
+    "w3": "up_proj",
+}
 
 
 def hf_stack(spec: Spec) -> Stack:
@@ -32,8 +41,12 @@ def hf_stack(spec: Spec) -> Stack:
     torch.manual_seed(spec.source.seed)
     if spec.lora:
         config = LoraConfig(
-            r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout, bias="none",
-            target_modules=[HF_TARGETS[t] for t in spec.lora.targets], task_type="CAUSAL_LM",
+            r=spec.lora.r,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            bias="none",
+            target_modules=[HF_TARGETS[t] for t in spec.lora.targets],
+            task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
     else:

@@ -161,7 +161,9 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
                         "kernels (a 1B micro-batch took over 9 minutes on one); --emulated_amp runs it anyway",
                     }
                 else:
-                    result = run_child(CHILD[stack], spec.to_dict(), runs, f"{stack}-{config.name}", env, opts.timeout_s)
+                    result = run_child(
+                        CHILD[stack], spec.to_dict(), runs, f"{stack}-{config.name}", env, opts.timeout_s
+                    )
                 row = {
                     "config": config.name,
                     "stack": stack,
@@ -188,7 +190,7 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
                 rows.append(row)
                 log(f"    {status_line(row, ok_text)}")
                 frame = pd.DataFrame(rows)
-                atomic_write(csv_path, lambda f: f.write(frame.to_csv(index=False).encode()))
+                atomic_write(csv_path, frame.to_csv(index=False))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return pd.DataFrame(rows)

@@ -1,4 +1,5 @@
 """The configurations an inference benchmark sweeps, and the spec each child process receives."""
+
 from __future__ import annotations
 
 import itertools
@@ -37,8 +38,13 @@ class Spec:
 
     def matches(self, selector: str) -> bool:
         """True if every key=value of selector (e.g. "batch_size=2,kv_cache=off") holds for this spec."""
-        have = {"stack": self.stack, "kv_cache": "on" if self.kv_cache else "off", "batch_size": str(self.batch_size),
-                "input_len": str(self.input_len), "output_len": str(self.output_len)}
+        have = {
+            "stack": self.stack,
+            "kv_cache": "on" if self.kv_cache else "off",
+            "batch_size": str(self.batch_size),
+            "input_len": str(self.input_len),
+            "output_len": str(self.output_len),
+        }
         wanted = dict(item.split("=", 1) for item in selector.split(",") if "=" in item)
         return bool(wanted) and all(have.get(k) == v for k, v in wanted.items())
 
@@ -46,7 +52,7 @@ class Spec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Spec":
+    def from_dict(cls, d: dict) -> Spec:
         return cls(**{**d, "source": ModelSource(**d["source"])})
 
 

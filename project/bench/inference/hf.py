@@ -2,6 +2,7 @@
 
 Imported only inside a benchmark subprocess; the model library never imports transformers.
 """
+
 from __future__ import annotations
 
 import time
@@ -48,10 +49,13 @@ def run_hf(spec: Spec, device: torch.device, result: dict) -> list[dict]:
             for p in model.parameters():
                 p.reshape(-1)[:: max(1, 4096 // p.element_size())].sum()
     result.update(
-        load_s=time.perf_counter() - start, prompt=spec.prompt, weights_bytes=parameter_bytes(model),
-        baseline_bytes=settled_memory(device), transformers_version=transformers.__version__,
+        load_s=time.perf_counter() - start,
+        prompt=spec.prompt,
+        weights_bytes=parameter_bytes(model),
+        baseline_bytes=settled_memory(device),
+        transformers_version=transformers.__version__,
         hf_source=str(Path(path) / kwargs.get("gguf_file", "")),
-    )  # fmt: skip
+    )
     if spec.simulate_oom:
         raise torch.OutOfMemoryError("simulated out of memory (--simulate_oom)")
     ids = torch.tensor([spec.prompt] * spec.batch_size, device=device)
@@ -70,20 +74,36 @@ def run_hf(spec: Spec, device: torch.device, result: dict) -> list[dict]:
 
     def generate_once(n: int) -> dict:
         # Greedy, exactly n new tokens: no EOS (nothing stops early or masks a logit), no sampling settings.
-        config = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, use_cache=spec.kv_cache,
-                                  eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)  # fmt: skip
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            use_cache=spec.kv_cache,
+            eos_token_id=None,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+        )
         first = FirstLogits()
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                 logits_processor=LogitsProcessorList([first]))  # fmt: skip
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([first]),
+            )
         synchronize(device)
         end = time.perf_counter()
         new = out.sequences[:, ids.shape[1] :]
         if new.shape[1] != n:
             raise RuntimeError(f"transformers generated {new.shape[1]} tokens instead of {n}")
-        return dict(prefill_s=first.at - start, decode_s=end - first.at, kv_cache_bytes=cache_bytes(out),
-                    n_generated=new.shape[1], tokens_sha=tokens_sha(new.tolist()))  # fmt: skip
+        return dict(
+            prefill_s=first.at - start,
+            decode_s=end - first.at,
+            kv_cache_bytes=cache_bytes(out),
+            n_generated=new.shape[1],
+            tokens_sha=tokens_sha(new.tolist()),
+        )
 
     return measure(generate_once, device, spec.warmup, spec.repeats, spec.output_len)
 

@@ -1,9 +1,10 @@
 """Timing and peak memory of repeated generate calls, measured inside the benchmark's subprocess."""
+
 from __future__ import annotations
 
 import gc
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -20,7 +21,9 @@ def settled_memory(device: torch.device) -> int:
 WARMUP_TOKENS = 2  # a warm-up runs the prefill and one decode step: every kernel and buffer gets created
 
 
-def measure(generate_once: Callable[[int], dict], device: torch.device, warmup: int, repeats: int, n_new: int) -> list[dict]:
+def measure(
+    generate_once: Callable[[int], dict], device: torch.device, warmup: int, repeats: int, n_new: int
+) -> list[dict]:
     """Call generate_once(WARMUP_TOKENS) warmup times, then generate_once(n_new) repeats times; return,
     for each measured call, its dict plus
     wall_s (synchronised before and after), peak_bytes (CUDA: max allocated; CPU: peak RSS, reset just
@@ -35,6 +38,14 @@ def measure(generate_once: Callable[[int], dict], device: torch.device, warmup: 
             synchronize(device)
             wall = time.perf_counter() - start
         if i >= warmup:
-            runs.append(dict(result, repeat=i - warmup, wall_s=wall, peak_bytes=peak.peak,
-                             peak_reserved_bytes=peak.reserved, peak_reset=peak.reset_ok))  # fmt: skip
+            runs.append(
+                dict(
+                    result,
+                    repeat=i - warmup,
+                    wall_s=wall,
+                    peak_bytes=peak.peak,
+                    peak_reserved_bytes=peak.reserved,
+                    peak_reset=peak.reset_ok,
+                )
+            )
     return runs

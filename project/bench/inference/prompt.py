@@ -1,4 +1,5 @@
 """Prompts of exactly the requested number of tokens, identical for every configuration."""
+
 from __future__ import annotations
 
 import hashlib

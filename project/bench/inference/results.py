@@ -1,5 +1,6 @@
 """From child results to measurement files: results.csv (one row per configuration and repeat) and
 summary.csv (one row per configuration: medians and spread). report.py renders them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,11 +14,34 @@ from project.bench.inference.prompt import tokens_sha
 MiB = 1 << 20
 KEYS = ["stack", "kv_cache", "batch_size", "input_len", "output_len"]
 CSV_COLUMNS = KEYS + [
-    "repeat", "status", "wall_s", "prefill_s", "decode_s", "ms_per_token", "tokens_per_s", "decode_tokens_per_s",
-    "peak_mib", "peak_above_weights_mib", "peak_reserved_mib", "weights_mib", "baseline_mib", "kv_cache_bytes",
-    "n_generated", "tokens_sha", "prompt_sha", "peak_reset", "model", "device", "device_name", "dtype", "threads",
-    "torch_version", "transformers_version", "commit", "message",
-]  # fmt: skip
+    "repeat",
+    "status",
+    "wall_s",
+    "prefill_s",
+    "decode_s",
+    "ms_per_token",
+    "tokens_per_s",
+    "decode_tokens_per_s",
+    "peak_mib",
+    "peak_above_weights_mib",
+    "peak_reserved_mib",
+    "weights_mib",
+    "baseline_mib",
+    "kv_cache_bytes",
+    "n_generated",
+    "tokens_sha",
+    "prompt_sha",
+    "peak_reset",
+    "model",
+    "device",
+    "device_name",
+    "dtype",
+    "threads",
+    "torch_version",
+    "transformers_version",
+    "commit",
+    "message",
+]
 
 
 def rows(done: list[tuple[Spec, dict]], meta: dict) -> list[dict]:
@@ -25,8 +49,12 @@ def rows(done: list[tuple[Spec, dict]], meta: dict) -> list[dict]:
     out = []
     for spec, res in done:
         base = {
-            "stack": spec.stack, "kv_cache": "on" if spec.kv_cache else "off", "batch_size": spec.batch_size,
-            "input_len": spec.input_len, "output_len": spec.output_len, "status": res["status"],
+            "stack": spec.stack,
+            "kv_cache": "on" if spec.kv_cache else "off",
+            "batch_size": spec.batch_size,
+            "input_len": spec.input_len,
+            "output_len": spec.output_len,
+            "status": res["status"],
             "prompt_sha": tokens_sha([res["prompt"]]) if res.get("prompt") else "",
             "weights_mib": res["weights_bytes"] / MiB if "weights_bytes" in res else None,
             "baseline_mib": res["baseline_bytes"] / MiB if "baseline_bytes" in res else None,
@@ -34,31 +62,53 @@ def rows(done: list[tuple[Spec, dict]], meta: dict) -> list[dict]:
             "transformers_version": res.get("transformers_version", "") if spec.stack == "hf" else "",
             "message": res.get("message", ""),
             **{k: meta[k] for k in ("model", "device", "dtype", "threads", "torch_version", "commit")},
-        }  # fmt: skip
+        }
         if res["status"] != "ok":
             out.append(base)
             continue
         for r in res["runs"]:
             n_tok = spec.batch_size * spec.output_len
             decode_tokens = spec.batch_size * (spec.output_len - 1)
-            out.append({
-                **base, "repeat": r["repeat"], "wall_s": r["wall_s"], "prefill_s": r["prefill_s"],
-                "decode_s": r["decode_s"], "ms_per_token": 1000 * r["wall_s"] / spec.output_len,
-                "tokens_per_s": n_tok / r["wall_s"],
-                "decode_tokens_per_s": decode_tokens / r["decode_s"] if decode_tokens and r["decode_s"] > 0 else None,
-                "peak_mib": r["peak_bytes"] / MiB, "peak_above_weights_mib": (r["peak_bytes"] - res["baseline_bytes"]) / MiB,
-                "peak_reserved_mib": r["peak_reserved_bytes"] / MiB if r["peak_reserved_bytes"] else None,
-                "kv_cache_bytes": r["kv_cache_bytes"], "n_generated": r["n_generated"], "tokens_sha": r["tokens_sha"],
-                "peak_reset": r["peak_reset"],
-            })  # fmt: skip
+            out.append(
+                {
+                    **base,
+                    "repeat": r["repeat"],
+                    "wall_s": r["wall_s"],
+                    "prefill_s": r["prefill_s"],
+                    "decode_s": r["decode_s"],
+                    "ms_per_token": 1000 * r["wall_s"] / spec.output_len,
+                    "tokens_per_s": n_tok / r["wall_s"],
+                    "decode_tokens_per_s": decode_tokens / r["decode_s"]
+                    if decode_tokens and r["decode_s"] > 0
+                    else None,
+                    "peak_mib": r["peak_bytes"] / MiB,
+                    "peak_above_weights_mib": (r["peak_bytes"] - res["baseline_bytes"]) / MiB,
+                    "peak_reserved_mib": r["peak_reserved_bytes"] / MiB if r["peak_reserved_bytes"] else None,
+                    "kv_cache_bytes": r["kv_cache_bytes"],
+                    "n_generated": r["n_generated"],
+                    "tokens_sha": r["tokens_sha"],
+                    "peak_reset": r["peak_reset"],
+                }
+            )
     return out
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """One row per configuration: status, median of every measure, min/max of the wall time, and the
     tokens' fingerprint (the same in every repeat of a configuration, else 'varies')."""
-    numeric = ["wall_s", "prefill_s", "decode_s", "ms_per_token", "tokens_per_s", "decode_tokens_per_s", "peak_mib",
-               "peak_above_weights_mib", "peak_reserved_mib", "weights_mib", "kv_cache_bytes"]  # fmt: skip
+    numeric = [
+        "wall_s",
+        "prefill_s",
+        "decode_s",
+        "ms_per_token",
+        "tokens_per_s",
+        "decode_tokens_per_s",
+        "peak_mib",
+        "peak_above_weights_mib",
+        "peak_reserved_mib",
+        "weights_mib",
+        "kv_cache_bytes",
+    ]
     out = []
     for key, g in df.groupby(KEYS, sort=False):
         row = dict(zip(KEYS, key), status=g["status"].iloc[0], repeats=int(g["repeat"].notna().sum()))
@@ -74,4 +124,4 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_csv(df: pd.DataFrame, path: Path):
-    atomic_write(path, lambda f: f.write(df.to_csv(index=False).encode()))
+    atomic_write(path, df.to_csv(index=False))
