@@ -1,9 +1,10 @@
 """python -m project.reports: regenerate reports/phase_{1,2,3}.md and their PDFs.
 
-    python -m project.reports                       # read reports/inference, reports/finetune, reports/finetune_benchmark
-    python -m project.reports --samples=run          # also rerun the cache on/off sample prompts on the default model
-    python -m project.reports --inference_dir reports/inference-1b --pdf False
+python -m project.reports                       # read reports/inference, reports/finetune, reports/finetune_benchmark
+python -m project.reports --samples=run          # also rerun the cache on/off sample prompts on the default model
+python -m project.reports --inference_dir reports/inference_output_len --pdf False
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -28,7 +29,7 @@ def main(
     if samples not in ("auto", "run", "skip"):
         raise UserError(f"--samples must be auto, run or skip, not {samples!r}")
     result = build_all(reports_dir, inference_dir, finetune_dir, bench_dir, samples, pdf)
-    for name, (md_path, pdf_path) in result["written"].items():
+    for md_path, pdf_path in result["written"].values():
         extra = f", {pdf_path} ({count_pages(pdf_path)} pages)" if pdf_path else ""
         print(f"wrote {md_path}{extra}")
     for w in result["warnings"]:

@@ -1,12 +1,21 @@
-"""Write reports/phase_{1,2,3}.md from the code and the latest results files, and render each as PDF."""
+"""Write reports/phase_{1,2,3}.md from the code and the measurement files, and render each as PDF.
+
+The inputs are the files the project writes, in the folders below (each overridable): the inference benchmark's
+results.csv, the fine-tuning run's summary.json / train_log.jsonl / samples.json, and the fine-tuning benchmark's
+measurements.csv. A missing file makes its section say so, with the command that makes it, and adds a warning.
+"""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from llama.checkpoint import REPO_ROOT, atomic_write
 
-from . import facts, phase1, phase2, phase3, pdf
-from .inputs import FINETUNE, FINETUNE_BENCH, INFERENCE
+from . import facts, pdf, phase1, phase2, phase3
+
+INFERENCE_DIR = REPO_ROOT / "reports" / "inference"  # benchmark_inference.py --out
+FINETUNE_DIR = REPO_ROOT / "reports" / "finetune"  # finetuning.py --out
+BENCH_DIR = REPO_ROOT / "reports" / "finetune_benchmark"  # benchmark_finetuning.py --out
 
 
 def build_all(
@@ -20,15 +29,14 @@ def build_all(
     """Build every phase; returns {name: (markdown path, pdf path or None)} and the warnings met on the way."""
     reports_dir = Path(reports_dir)
     reports_dir.mkdir(parents=True, exist_ok=True)
-    inference_dir = Path(inference_dir or REPO_ROOT / INFERENCE["dir"])
-    finetune_dir = Path(finetune_dir or REPO_ROOT / FINETUNE["dir"])
-    bench_dir = Path(bench_dir or REPO_ROOT / FINETUNE_BENCH["dir"])
     env = facts.environment()
     warnings: list[str] = []
     texts = {
         "phase_1": phase1.build(env, warnings),
-        "phase_2": phase2.build(reports_dir, inference_dir, samples, env, warnings),
-        "phase_3": phase3.build(reports_dir, finetune_dir, bench_dir, env, warnings),
+        "phase_2": phase2.build(reports_dir, Path(inference_dir or INFERENCE_DIR), samples, env, warnings),
+        "phase_3": phase3.build(
+            reports_dir, Path(finetune_dir or FINETUNE_DIR), Path(bench_dir or BENCH_DIR), env, warnings
+        ),
     }
     written = {}
     for name, text in texts.items():

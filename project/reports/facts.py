@@ -1,4 +1,5 @@
 """Facts the reports quote, computed from the code rather than typed: model numbers, source links, environment."""
+
 from __future__ import annotations
 
 import math

@@ -1,6 +1,10 @@
 """A fine-tuning run's own report, rendered from its data: summary.json (settings and results), train_log.jsonl
-(one record per optimizer step) and samples.json (outputs before and after). The one renderer of the loss plot,
-the summary and the sample table, used by finetuning.py and by the phase 3 report."""
+(one record per optimizer step) and samples.json (outputs before and after).
+
+The one renderer of the run's settings (settings_lines), its result (loss_stats -> result_lines), the loss plot
+and the sample table: project/finetune.py writes summary.md, samples.md and loss.png with them, and the phase 3
+report (phase3.py) embeds the same lines, read from the same files.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ def precision_text(training: dict) -> str:
     return f"{training['precision']} autocast, fp32 master weights{scaler}"
 
 
-def summary_markdown(summary: dict) -> str:
+def settings_lines(summary: dict) -> list[str]:
+    """One `- **name**: value` bullet per setting of the run (model, data, LoRA, precision, device, command...)."""
     lora = summary["lora"]
     trainable, total = summary["trainable_params"], summary["total_params"]
     data, ckpt, versions = summary["data"], summary["grad_ckpt"], summary["versions"]
@@ -55,19 +60,30 @@ def summary_markdown(summary: dict) -> str:
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
         "command": f"`{summary['command']}`",
     }
-    lines = ["# Fine-tuning run", ""] + [f"- **{k}**: {v}" for k, v in settings.items()] + [""]
+    return [f"- **{k}**: {v}" for k, v in settings.items()]
+
+
+def result_lines(r: dict) -> list[str]:
+    """Bullets of loss_stats' numbers: steps, first/last losses and window means, time, memory."""
+    return [
+        f"- optimizer steps: {r['steps']} (skipped by the GradScaler: {r['skipped']})",
+        f"- loss: first step {r['loss_first']:.4f}, last step {r['loss_last']:.4f}; mean of the first {r['k']} "
+        f"steps {r['loss_first_k']:.4f}, of the last {r['k']} steps {r['loss_last_k']:.4f} "
+        f"({r['loss_last_k'] - r['loss_first_k']:+.4f})",
+        f"- time per optimizer step (after the first): {r['step_s']:.2f} s; {r['tokens_per_s']:.0f} tokens/s",
+        f"- memory in use at the end of a step (max): {r['max_memory_bytes'] / 2**30:.2f} GiB "
+        "(CPU: resident set of the process; CUDA/MPS: allocated by tensors)",
+    ]
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = ["# Fine-tuning run", "", *settings_lines(summary), ""]
     r = summary.get("result")
     if r:
         lines += [
             "## Result (from train_log.jsonl)",
             "",
-            f"- optimizer steps: {r['steps']} (skipped by the GradScaler: {r['skipped']})",
-            f"- loss: first step {r['loss_first']:.4f}, last step {r['loss_last']:.4f}; mean of the first {r['k']} "
-            f"steps {r['loss_first_k']:.4f}, of the last {r['k']} steps {r['loss_last_k']:.4f} "
-            f"({r['loss_last_k'] - r['loss_first_k']:+.4f})",
-            f"- time per optimizer step (after the first): {r['step_s']:.2f} s; {r['tokens_per_s']:.0f} tokens/s",
-            f"- memory in use at the end of a step (max): {r['max_memory_bytes'] / 2**30:.2f} GiB "
-            "(CPU: resident set of the process; CUDA/MPS: allocated by tensors)",
+            *result_lines(r),
             "",
             "Files: `summary.json` (this page as data), `train_log.jsonl` (every optimizer step), `loss.png`, "
             "`samples.md` / `samples.json`.",
@@ -114,13 +130,10 @@ def write_run_report(out_dir: Path, summary: dict, steps: list[dict], samples: l
     """summary.json (with the results added), summary.md, samples.json, samples.md and loss.png in out_dir."""
     if steps:
         summary["result"] = loss_stats(steps)
-    write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
-    write_text(out_dir / "summary.md", summary_markdown(summary))
-    write_text(out_dir / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False))
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write(out_dir / "summary.md", summary_markdown(summary))
+    atomic_write(out_dir / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False))
     intro = "Alpaca prompt template (plain text), greedy decoding, at most the configured number of new tokens."
-    write_text(out_dir / "samples.md", f"# Greedy outputs before and after fine-tuning\n\n{intro}\n\n{samples_markdown(samples)}\n")
+    title = "# Greedy outputs before and after fine-tuning"
+    atomic_write(out_dir / "samples.md", f"{title}\n\n{intro}\n\n{samples_markdown(samples)}\n")
     plot_loss(steps, out_dir / "loss.png", loss_title(summary))
-
-
-def write_text(path: Path, text: str):
-    atomic_write(path, lambda f: f.write(text.encode()))

@@ -1,4 +1,6 @@
-"""Small Markdown helpers shared by the phase builders: tables, number formats, provenance lines."""
+"""Small Markdown helpers for the phase builders' own text (code tables, readings, provenance lines, missing
+inputs); the results tables themselves are rendered by the benchmarks' report.py."""
+
 from __future__ import annotations
 
 import math
@@ -7,11 +9,10 @@ from pathlib import Path
 
 from llama.checkpoint import REPO_ROOT
 
-OOM = "×"  # a configuration that ran out of memory (or failed); the status is said beside the table
-
 
 def table(headers: list[str], rows: list[list]) -> str:
     """A pipe table; cells are written with str() and any `|` escaped."""
+
     def cell(x) -> str:
         return str(x).replace("|", "\\|").replace("\n", " ")
 

@@ -4,6 +4,7 @@ Supported: `#`–`####` headings, paragraphs with **bold**, *italic*, `code` and
 lists, fenced code blocks, pipe tables, images on a line of their own `![caption](file.png)`, `>` quotes
 and `---` rules. DejaVu fonts (shipped with matplotlib) cover arrows, ×, − and the other symbols we use.
 """
+
 from __future__ import annotations
 
 import re
@@ -133,7 +134,7 @@ class MarkdownPDF(FPDF):
         header, body = rows[0], rows[1:]
         n = len(header)
         body = [(r + [""] * n)[:n] for r in body]
-        cells = [[plain(c) for c in header]] + [[plain(c) for c in r] for r in body]
+        cells = [[plain(c).replace("<br>", "\n") for c in r] for r in [header, *body]]
         size = SMALL if n <= 7 else 7
         self.set_font("sans", "", size)
         widths = [max(self.get_string_width(r[i]) for r in cells[1:] or cells) + 3 for i in range(n)]
@@ -148,7 +149,9 @@ class MarkdownPDF(FPDF):
             big = [w for w in widths if w > fair]
             scale = (page - small) / sum(big) if big else 1
             widths = [w if w <= fair else w * scale for w in widths]
-        numeric = [all(re.fullmatch(r"[−\-+]?[\d,.]+\s*[%×]?|×|—|n/a|", r[i].strip()) for r in cells[1:]) for i in range(n)]
+        numeric = [
+            all(re.fullmatch(r"[−\-+]?[\d,.]+\s*[%×]?|×|—|n/a|", r[i].strip()) for r in cells[1:]) for i in range(n)
+        ]
         align = ["RIGHT" if numeric[i] and i > 0 else "LEFT" for i in range(n)]
         with self.table(
             width=min(sum(widths), page),

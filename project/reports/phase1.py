@@ -1,4 +1,5 @@
 """Phase 1: the background answers, a template (phase_1.template.md) whose numbers and links are filled here."""
+
 from __future__ import annotations
 
 import re

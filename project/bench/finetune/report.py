@@ -1,6 +1,10 @@
-"""Table 3 (every configuration), Table 2 (what each technique does to each part of memory) and plots,
-computed from the benchmark's CSV (and timeline JSON files); nothing here measures anything.
+"""Table 3 (every configuration), Table 2 (what each technique does to each part of memory), the memory breakdown
+and the plots, computed from measurements.csv (and the timeline JSON files); nothing here measures anything.
+
+The one renderer of these tables: write_report (the benchmark's README.md) and the phase 3 report
+(project/reports/phase3.py) both call read_measurements and the *_section functions, and link the PNGs in PLOTS.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,6 +32,11 @@ TECHNIQUES = [  # (Table 2 row, the configuration that turns on only this techni
     ("LoRA", "lora"),
 ]
 MARK = {True: "✓", False: "×"}
+PLOTS = {  # file -> caption; timeline.png only when timelines were recorded
+    "peak_and_time.png": "peak memory and time",
+    "memory_breakdown.png": "memory breakdown",
+    "timeline.png": "memory timeline",
+}
 
 
 # ---- formatting ----------------------------------------------------------------------------------------
@@ -63,15 +72,17 @@ def arrow_cell(base: float, value: float) -> str:
 
 
 # ---- tables --------------------------------------------------------------------------------------------
-def _technique_config(frame: pd.DataFrame, key: str) -> pd.Series | None:
+def techniques_on(row) -> frozenset[str]:
+    """The TECHNIQUES keys a measurements row switches on (accumulation: grad_accum above 1)."""
+    flags = {"accum": row.grad_accum > 1, "ckpt": row.grad_ckpt, "amp": row.amp, "lora": row.lora}
+    return frozenset(k for k, on in flags.items() if on)
+
+
+def technique_config(frame: pd.DataFrame, key: str) -> pd.Series | None:
+    """Our stack's first configuration with only technique `key` on, or None."""
     ours = frame[frame["stack"] == "ours"]
-    if key == "accum":
-        match = ours[(~ours.grad_ckpt) & (~ours.amp) & (~ours.lora) & (ours.grad_accum > 1)]
-    else:
-        flags = {"ckpt": (True, False, False), "amp": (False, True, False), "lora": (False, False, True)}[key]
-        match = ours[(ours.grad_ckpt == flags[0]) & (ours.amp == flags[1]) & (ours.lora == flags[2])
-                     & (ours.grad_accum == 1)]  # fmt: skip
-    return match.iloc[0] if len(match) else None
+    match = [r for _, r in ours.iterrows() if techniques_on(r) == {key}]
+    return match[0] if match else None
 
 
 def table2(frame: pd.DataFrame) -> list[str]:
@@ -84,7 +95,7 @@ def table2(frame: pd.DataFrame) -> list[str]:
         return lines + ["", "(no successful vanilla run to compare with)"]
     base = vanilla.iloc[0]
     for label, key in TECHNIQUES:
-        row = _technique_config(frame, key)
+        row = technique_config(frame, key)
         if row is None:
             continue
         if row.status != "ok":
@@ -123,8 +134,13 @@ def table3(frame: pd.DataFrame) -> list[str]:
     for i, row in enumerate(frame[frame["stack"] == "ours"].itertuples(index=False), 1):
         r = pd.Series(row._asdict())
         ok = r.status == "ok"
-        cells = [MARK[bool(r.grad_ckpt)], f"{MARK[bool(r.amp)]} {r.precision if r.amp else ''}".strip(),
-                 MARK[bool(r.lora)], f"{MARK[r.grad_accum > 1]} {r.grad_accum}", _peak_cell(r)]  # fmt: skip
+        cells = [
+            MARK[bool(r.grad_ckpt)],
+            f"{MARK[bool(r.amp)]} {r.precision if r.amp else ''}".strip(),
+            MARK[bool(r.lora)],
+            f"{MARK[r.grad_accum > 1]} {r.grad_accum}",
+            _peak_cell(r),
+        ]
         cells += [] if cuda else [fmt_bytes(r.peak_above_idle_bytes) if ok else "×"]
         cells += [_time_cell(r, "step_s"), _time_cell(r, "micro_s"), f"{r.tokens_per_s:.1f}" if ok else "×"]
         if len(hf):
@@ -132,8 +148,12 @@ def table3(frame: pd.DataFrame) -> list[str]:
             if len(twin):
                 h = twin.iloc[0]
                 both = ok and h.status == "ok"
-                cells += [_peak_cell(h), f"{r.peak_bytes / h.peak_bytes:.2f}" if both else "×", _time_cell(h, "micro_s"),
-                          f"{r.micro_s_mean / h.micro_s_mean:.2f}" if both else "×"]  # fmt: skip
+                cells += [
+                    _peak_cell(h),
+                    f"{r.peak_bytes / h.peak_bytes:.2f}" if both else "×",
+                    _time_cell(h, "micro_s"),
+                    f"{r.micro_s_mean / h.micro_s_mean:.2f}" if both else "×",
+                ]
             else:
                 cells += ["—"] * 4
         lines.append(f"| {i} {r.config} | " + " | ".join(cells) + " |")
@@ -149,7 +169,11 @@ def breakdown_table(frame: pd.DataFrame) -> list[str]:
             lines.append(f"| {r.config} | {r['stack']} | " + " | ".join([r.status] * len(cols)) + " |")
             continue
         total = sum(r[c] for c, _ in PARTS)
-        cells = [fmt_bytes(r[c]) for c, _ in PARTS] + [fmt_bytes(total), fmt_bytes(r.peak_bytes), fmt_bytes(r.peak_bytes - total)]
+        cells = [fmt_bytes(r[c]) for c, _ in PARTS] + [
+            fmt_bytes(total),
+            fmt_bytes(r.peak_bytes),
+            fmt_bytes(r.peak_bytes - total),
+        ]
         lines.append(f"| {r.config} | {r['stack']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -181,9 +205,11 @@ def plot_peak_and_time(frame: pd.DataFrame, path: Path, title: str):
         rows = frame[frame["stack"] == stack].set_index("config").reindex(names)
         y = [i + j * height for i in range(len(names))]
         ok = rows.status == "ok"
-        for ax, col, std, label in ((axes[0], "peak_bytes", None, "peak memory (GiB)"),
-                                    (axes[1], "micro_s_mean", "micro_s_std", "time per micro-batch (s)"),
-                                    (axes[2], "step_s_mean", "step_s_std", "time per optimizer step (s)")):  # fmt: skip
+        for ax, col, std, label in (
+            (axes[0], "peak_bytes", None, "peak memory (GiB)"),
+            (axes[1], "micro_s_mean", "micro_s_std", "time per micro-batch (s)"),
+            (axes[2], "step_s_mean", "step_s_std", "time per optimizer step (s)"),
+        ):
             values = rows[col].where(ok, 0).astype(float) / (2**30 if col == "peak_bytes" else 1)
             errors = rows[std].where(ok, 0).astype(float).fillna(0) if std else None
             ax.barh(y, values, height=height, xerr=errors, label=stack, capsize=2)
@@ -212,7 +238,9 @@ def plot_breakdown(frame: pd.DataFrame, path: Path, title: str):
         left = [a + b for a, b in zip(left, values)]
     other = [max(0.0, p / 2**30 - s) for p, s in zip(rows.peak_bytes, left)]
     ax.barh(range(len(rows)), other, left=left, label="other (runtime, allocator, temporaries)", color="lightgrey")
-    ax.scatter(rows.peak_bytes / 2**30, range(len(rows)), marker="|", s=300, color="black", label="measured peak", zorder=3)
+    ax.scatter(
+        rows.peak_bytes / 2**30, range(len(rows)), marker="|", s=300, color="black", label="measured peak", zorder=3
+    )
     ax.set_yticks(range(len(rows)), rows.config)
     ax.invert_yaxis()
     ax.set_xlabel("GiB")
@@ -259,17 +287,76 @@ def _native_note(frame: pd.DataFrame) -> list[str]:
     slow = sorted(d for d in dtypes if f"{d}_native" in frame and frame[f"{d}_native"].eq(False).any())
     if not slow:
         return []
-    return [f"This device has no native {'/'.join(slow)} matrix multiply (oneDNN needs AVX512-BF16 or AMX): "
-            "autocast then runs its matmuls in slow, single-threaded fallback kernels, so here the mixed-precision "
-            "configurations are slow (or skipped, or time out) for want of hardware support, not because of the "
-            "technique: measure them on a GPU or a CPU with AVX512-BF16/AMX."]  # fmt: skip
+    return [
+        f"This device has no native {'/'.join(slow)} matrix multiply (oneDNN needs AVX512-BF16 or AMX): "
+        "autocast then runs its matmuls in slow, single-threaded fallback kernels, so here the mixed-precision "
+        "configurations are slow (or skipped, or time out) for want of hardware support, not because of the "
+        "technique: measure them on a GPU or a CPU with AVX512-BF16/AMX."
+    ]
+
+
+def read_measurements(csv_path: Path) -> pd.DataFrame:
+    """measurements.csv with the technique switches as booleans."""
+    frame = pd.read_csv(csv_path)
+    for col in ("grad_ckpt", "amp", "lora"):
+        frame[col] = frame[col].astype(bool)
+    return frame
+
+
+def _cpu(frame: pd.DataFrame) -> bool:
+    return not frame.device.astype(str).str.startswith("cuda").any()
+
+
+def table3_section(frame: pd.DataFrame) -> list[str]:
+    """Table 3 and what its columns and status marks mean."""
+    return [
+        *table3(frame),
+        "",
+        (
+            "Peak RSS is the process's peak resident memory over the measured steps (the kernel's mark reset "
+            "before them); *above idle* subtracts the resident memory after loading the model and building the "
+            "optimizer, before the first step."
+            if _cpu(frame)
+            else "Peak allocated / reserved: torch.cuda.max_memory_allocated / max_memory_reserved over the "
+            "measured steps."
+        ),
+        "Each configuration ran in its own fresh process. `OOM (×)`: the configuration ran out of memory; "
+        "`timeout (×)`: it did not finish within the command's `--timeout_s` (loading included); "
+        "`skipped (×)`: mixed precision on a CPU that only emulates its matmuls (`--emulated_amp` runs it).",
+        *_native_note(frame),
+    ]
+
+
+def table2_section(frame: pd.DataFrame) -> list[str]:
+    """Table 2 and how to read its arrows."""
+    return [
+        *table2(frame),
+        "",
+        f"Each technique alone against vanilla (same examples). ↑ / ↓: the part grows / shrinks by at least "
+        f"{THRESHOLD:.0%} of its vanilla value; −: |change| < {THRESHOLD:.0%} (no significant change). "
+        "Parameters, gradients and optimizer state are the bytes of those tensors; activations are the bytes "
+        "autograd saves for backward inside the model's forward (de-duplicated by storage, parameters excluded); "
+        "logits / loss buffers are the logits tensor plus what the loss saves. Each is its largest value over "
+        "the measured micro-batches. Gradient accumulation runs micro-batches of the same size, so it changes "
+        "none of the parts: what it buys is a larger effective batch at the memory of a batch of 1.",
+    ]
+
+
+def breakdown_section(frame: pd.DataFrame) -> list[str]:
+    """Memory by what holds it, and why the parts need not add up to the peak."""
+    return [
+        *breakdown_table(frame),
+        "",
+        "The parts are each at their largest, and are not all live at the same moment (backward frees "
+        "activations while it allocates gradients), so *peak − sum* is the rest of the process "
+        + ("(Python, libraries, allocator caches, temporaries)" if _cpu(frame) else "(temporaries, workspace)")
+        + "; a negative value means the parts never coexist in full.",
+    ]
 
 
 def write_report(csv_path: Path, out_dir: Path) -> Path:
     """README.md, peak_and_time.png, memory_breakdown.png and timeline.png in out_dir, from csv_path."""
-    frame = pd.read_csv(csv_path)
-    for col in ("grad_ckpt", "amp", "lora"):
-        frame[col] = frame[col].astype(bool)
+    frame = read_measurements(csv_path)
     ok = frame[frame.status == "ok"]
     device = f"{_unique(frame, 'device')} ({_unique(ok, 'device_name')}, {_unique(ok, 'threads')} threads)"
     versions = f"python {_unique(ok, 'python')}, torch {_unique(ok, 'torch')}, numpy {_unique(ok, 'numpy')}"
@@ -278,16 +365,20 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
     title = f"{_unique(frame, 'model')} on {device}"
     plot_peak_and_time(frame, out_dir / "peak_and_time.png", title)
     plot_breakdown(frame, out_dir / "memory_breakdown.png", title)
-    timelines = {p.stem.removeprefix("timeline_ours_"): json.loads(p.read_text())
-                 for p in sorted(out_dir.glob("timeline_ours_*.json"))}  # fmt: skip
+    timelines = {
+        p.stem.removeprefix("timeline_ours_"): json.loads(p.read_text())
+        for p in sorted(out_dir.glob("timeline_ours_*.json"))
+    }
     timelines = dict(sorted(timelines.items(), key=lambda kv: kv[0] != VANILLA.name))
     if timelines:
         plot_timelines(timelines, out_dir / "timeline.png", title)
-    cpu = not frame.device.astype(str).str.startswith("cuda").any()
     lines = [
-        "# Fine-tuning benchmark", "",
-        f"Generated by `python benchmark_finetuning.py --report_only` from `{csv_path.name}`; measured with:", "",
-        f"    {_unique(frame, 'command')}", "",
+        "# Fine-tuning benchmark",
+        "",
+        f"Generated by `python benchmark_finetuning.py --report_only` from `{csv_path.name}`; measured with:",
+        "",
+        f"    {_unique(frame, 'command')}",
+        "",
         f"- **device**: {device}",
         f"- **dtype**: fp32 master weights; mixed precision = {_unique(frame[frame.amp], 'precision')} "
         "autocast" + (" + GradScaler" if (frame.precision == "fp16").any() else ""),
@@ -296,43 +387,37 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
         f"- **model**: {_unique(frame, 'model')}; batch size 1; optimizer {_unique(frame, 'optimizer')} "
         f"(lr {_unique(frame, 'lr')}); LoRA {_unique(frame[frame.lora], 'lora_setup')}",
         f"- **data**: {_unique(frame, 'data')}, the same token ids for every configuration",
-        f"- **timing**: {_unique(frame, 'warmup_steps')} warm-up optimizer step(s) of one micro-batch each excluded, then "
-        f"{_unique(frame, 'passes')} pass(es) over the fixed set; weight loading excluded; mean ± standard deviation",
+        f"- **timing**: {_unique(frame, 'warmup_steps')} warm-up optimizer step(s) of one micro-batch each "
+        f"excluded, then {_unique(frame, 'passes')} pass(es) over the fixed set; weight loading excluded; "
+        "mean ± standard deviation",
         "",
-        "## Table 3: every configuration", "",
-        *table3(frame), "",
-        ("Peak RSS is the process's peak resident memory over the measured steps (the kernel's mark reset "
-         "before them); *above idle* subtracts the resident memory after loading the model and building the "
-         "optimizer, before the first step." if cpu else
-         "Peak allocated / reserved: torch.cuda.max_memory_allocated / max_memory_reserved over the measured steps."),
-        "Each configuration ran in its own fresh process. `OOM (×)`: the configuration ran out of memory; "
-        "`timeout (×)`: it did not finish within the command's `--timeout_s` (loading included); "
-        "`skipped (×)`: mixed precision on a CPU that only emulates its matmuls (`--emulated_amp` runs it).",
-        *_native_note(frame), "",
-        "## Table 2: what each technique does to each part of memory", "",
-        *table2(frame), "",
-        f"Each technique alone against vanilla (same examples). ↑ / ↓: the part grows / shrinks by at least "
-        f"{THRESHOLD:.0%} of its vanilla value; −: |change| < {THRESHOLD:.0%} (no significant change). "
-        "Parameters, gradients and optimizer state are the bytes of those tensors; activations are the bytes "
-        "autograd saves for backward inside the model's forward (de-duplicated by storage, parameters excluded); "
-        "logits / loss buffers are the logits tensor plus what the loss saves. Each is its largest value over "
-        "the measured micro-batches. Gradient accumulation runs micro-batches of the same size, so it changes "
-        "none of the parts: what it buys is a larger effective batch at the memory of a batch of 1.",
+        "## Table 3: every configuration",
         "",
-        "## Memory by what holds it", "",
-        *breakdown_table(frame), "",
-        "The parts are each at their largest, and are not all live at the same moment (backward frees "
-        "activations while it allocates gradients), so *peak − sum* is the rest of the process "
-        + ("(Python, libraries, allocator caches, temporaries)" if cpu else "(temporaries, workspace)")
-        + "; a negative value means the parts never coexist in full.",
+        *table3_section(frame),
         "",
-        "![peak memory and time](peak_and_time.png)", "", "![memory breakdown](memory_breakdown.png)", "",
-    ]  # fmt: skip
+        "## Table 2: what each technique does to each part of memory",
+        "",
+        *table2_section(frame),
+        "",
+        "## Memory by what holds it",
+        "",
+        *breakdown_section(frame),
+        "",
+        "![peak memory and time](peak_and_time.png)",
+        "",
+        "![memory breakdown](memory_breakdown.png)",
+        "",
+    ]
     if timelines:
-        lines += ["## Memory timeline of one optimizer step", "",
-                  "Live bytes by category (torch.profiler's memory timeline) through one step of "
-                  f"{', '.join(timelines)}; dashed lines: forward starts, backward reaches the logits, optimizer step.",
-                  "", "![memory timeline](timeline.png)", ""]  # fmt: skip
+        lines += [
+            "## Memory timeline of one optimizer step",
+            "",
+            "Live bytes by category (torch.profiler's memory timeline) through one step of "
+            f"{', '.join(timelines)}; dashed lines: forward starts, backward reaches the logits, optimizer step.",
+            "",
+            "![memory timeline](timeline.png)",
+            "",
+        ]
     lines += [f"Raw measurements: [`{csv_path.name}`]({csv_path.name}) (one row per configuration and stack)."]
     path = out_dir / "README.md"
     atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))

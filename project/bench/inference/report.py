@@ -1,5 +1,6 @@
-"""Table 1 and its companions, rendered from summary.csv: the one renderer for the inference benchmark's
-report.md and for the phase 2 report. Nothing here measures anything."""
+"""Table 1 and its companions, rendered from the summary (results.summarize of results.csv, = summary.csv): the
+one renderer for the inference benchmark's report.md and for the phase 2 report (project/reports/phase2.py),
+which calls `tables`, `by_output_len` and links the PNGs named in PLOTS. Nothing here measures anything."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ import pandas as pd
 from llama.checkpoint import atomic_write
 
 STACK_NAMES = {"ours": "ours (llama/)", "hf": "Hugging Face transformers"}
+
+
+def stack_name(stack: str, quantize: str = "none") -> str:
+    """'ours (llama/)', 'ours (llama/), int8 weights', 'Hugging Face transformers'."""
+    return STACK_NAMES.get(stack, stack) + (f", {quantize} weights" if quantize != "none" else "")
+
+
+PLOTS = {"batch_size": "vs_batch_size.png", "output_len": "vs_output_len.png"}  # x axis -> file, when swept
 
 
 def memory_note(device_type: str) -> str:
@@ -54,15 +63,22 @@ METRICS = [
 def table1(s: pd.DataFrame) -> list[str]:
     """Rows: with / without KV cache × peak memory, runtime, tokens/s; columns: batch sizes."""
     batches = sorted(s.batch_size.unique())
-    lines = ["| KV cache | | " + " | ".join(f"batch {b}" for b in batches) + " |",
-             "|---|---|" + "---:|" * len(batches)]  # fmt: skip
+    lines = ["| KV cache | | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|---|" + "---:|" * len(batches)]
     for kv in [k for k in ("on", "off") if k in set(s.kv_cache)]:
         for i, (name, fmt) in enumerate(METRICS):
             head = f"**{'with' if kv == 'on' else 'without'} KV cache**" if i == 0 else ""
             lines.append(f"| {head} | {name} | " + " | ".join(_cell(s, kv, b, fmt) for b in batches) + " |")
     if {"on", "off"} <= set(s.kv_cache):
-        lines.append("| | **runtime without ÷ with cache** | " + " | ".join(_ratio(s, s, "off", "on", b, "wall_s") for b in batches) + " |")
-        lines.append("| | same tokens with and without cache | " + " | ".join(_same(s, s, "on", "off", b) for b in batches) + " |")
+        lines.append(
+            "| | **runtime without ÷ with cache** | "
+            + " | ".join(_ratio(s, s, "off", "on", b, "wall_s") for b in batches)
+            + " |"
+        )
+        lines.append(
+            "| | same tokens with and without cache | "
+            + " | ".join(_same(s, s, "on", "off", b) for b in batches)
+            + " |"
+        )
     return lines
 
 
@@ -84,12 +100,15 @@ def _same(a, b_, kv_a, kv_b, b) -> str:
 def comparison(ours: pd.DataFrame, hf: pd.DataFrame) -> list[str]:
     """Hugging Face ÷ ours per cache mode and batch size (above 1: ours is faster / smaller)."""
     batches = sorted(set(ours.batch_size) | set(hf.batch_size))
-    lines = ["| KV cache | HF ÷ ours | " + " | ".join(f"batch {b}" for b in batches) + " |",
-             "|---|---|" + "---:|" * len(batches)]  # fmt: skip
+    lines = [
+        "| KV cache | HF ÷ ours | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|---|" + "---:|" * len(batches),
+    ]
     for kv in [k for k in ("on", "off") if k in set(ours.kv_cache)]:
         label = f"**{'with' if kv == 'on' else 'without'} KV cache**"
-        for i, (name, col) in enumerate([("runtime", "wall_s"), ("peak memory", "peak_mib"),
-                                         ("peak above weights", "peak_above_weights_mib")]):  # fmt: skip
+        for i, (name, col) in enumerate(
+            [("runtime", "wall_s"), ("peak memory", "peak_mib"), ("peak above weights", "peak_above_weights_mib")]
+        ):
             cells = " | ".join(_ratio(hf, ours, kv, kv, b, col) for b in batches)
             lines.append(f"| {label if i == 0 else ''} | {name} | {cells} |")
         lines.append("| | same tokens as ours | " + " | ".join(_same(ours, hf, kv, kv, b) for b in batches) + " |")
@@ -97,8 +116,23 @@ def comparison(ours: pd.DataFrame, hf: pd.DataFrame) -> list[str]:
 
 
 def details(s: pd.DataFrame) -> list[str]:
-    cols = ["stack", "kv_cache", "batch_size", "input_len", "output_len", "status", "prefill_s", "decode_s",
-            "ms_per_token", "decode_tokens_per_s", "weights_mib", "kv_cache_bytes", "peak_reserved_mib", "tokens_sha"]  # fmt: skip
+    cols = [
+        "stack",
+        "quantize",
+        "kv_cache",
+        "batch_size",
+        "input_len",
+        "output_len",
+        "status",
+        "prefill_s",
+        "decode_s",
+        "ms_per_token",
+        "decode_tokens_per_s",
+        "weights_mib",
+        "kv_cache_bytes",
+        "peak_reserved_mib",
+        "tokens_sha",
+    ]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in s.iterrows():
         cells = []
@@ -116,25 +150,70 @@ def details(s: pd.DataFrame) -> list[str]:
     return lines
 
 
-def report(summary: pd.DataFrame, meta: dict, plots: list[str]) -> str:
-    lines = [f"# Inference benchmark: {meta['model']}", "",
-             f"Produced by `{meta['command']}` on {meta['date']} (commit {meta['commit']}).", "",
-             f"- device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads; dtype {meta['dtype']}",
-             f"- torch {meta['torch_version']}" + (f", transformers {meta['transformers_version']}" if meta.get("transformers_version") else ""),
-             f"- greedy decoding, exactly `output_len` new tokens per row (no stop at EOS); every row of a batch is the "
-             f"same prompt of exactly `input_len` tokens; each configuration in a fresh process; "
-             f"{meta['warmup']} warm-up run(s) of 2 new tokens, then the median of {meta['repeats']} (min–max in brackets)",
-             f"- peak memory: {meta['memory_note']}", ""]  # fmt: skip
+def tables(summary: pd.DataFrame, level: str = "##") -> list[str]:
+    """Table 1 for each prompt and output length and each stack (and weight format of ours), then Hugging Face ÷
+    ours (each weight format) where both ran."""
+    lines = []
     for (i, o), s in summary.groupby(["input_len", "output_len"], sort=False):
-        for stack, se in s.groupby("stack", sort=False):
-            lines += [f"## {STACK_NAMES.get(stack, stack)}: prompt {i} tokens, {o} new tokens", ""] + table1(se) + [""]
-        if {"ours", "hf"} <= set(s["stack"]):
-            lines += [f"## Hugging Face ÷ ours: prompt {i} tokens, {o} new tokens", ""]
-            lines += comparison(s[s["stack"] == "ours"], s[s["stack"] == "hf"]) + [""]
+        for (stack, quant), se in s.groupby(["stack", "quantize"], sort=False):
+            lines += [f"{level} {stack_name(stack, quant)}: prompt {i} tokens, {o} new tokens", ""]
+            lines += table1(se) + [""]
+        hf = s[s["stack"] == "hf"]
+        for quant, ours in s[s["stack"] == "ours"].groupby("quantize", sort=False) if len(hf) else ():
+            lines += [f"{level} Hugging Face ÷ {stack_name('ours', quant)}: prompt {i} tokens, {o} new tokens", ""]
+            lines += comparison(ours, hf) + [""]
+    return lines
+
+
+def by_output_len(summary: pd.DataFrame) -> list[str]:
+    """Runtime and time per output token against the number of new tokens, one table per stack, prompt length and
+    batch size swept over 3+ output lengths (vs_output_len.png draws the same; report.md shows it as Table 1s)."""
+    lines = []
+    for (stack, quant, i, b), s in summary.groupby(["stack", "quantize", "input_len", "batch_size"], sort=False):
+        lengths = sorted(s.output_len.unique())
+        if len(lengths) < 3:
+            continue
+        lines += [
+            f"{stack_name(stack, quant)}, prompt {i} tokens, batch {b}:",
+            "",
+            "| KV cache | | " + " | ".join(f"{n} new" for n in lengths) + " |",
+            "|---|---|" + "---:|" * len(lengths),
+        ]
+        for kv in [k for k in ("on", "off") if k in set(s.kv_cache)]:
+            for j, (name, fmt) in enumerate(
+                (("runtime (s)", _runtime), ("ms per token", lambda r: f"{r.ms_per_token:,.1f}"))
+            ):
+                cells = [_cell(s[s.output_len == n], kv, b, fmt) for n in lengths]
+                head = f"**{'with' if kv == 'on' else 'without'} KV cache**" if j == 0 else ""
+                lines.append(f"| {head} | {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def report(summary: pd.DataFrame, meta: dict, plots: list[str]) -> str:
+    lines = [
+        f"# Inference benchmark: {meta['model']}",
+        "",
+        f"Produced by `{meta['command']}` on {meta['date']} (commit {meta['commit']}).",
+        "",
+        f"- device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads; dtype {meta['dtype']}",
+        f"- torch {meta['torch_version']}"
+        + (f", transformers {meta['transformers_version']}" if meta.get("transformers_version") else ""),
+        f"- greedy decoding, exactly `output_len` new tokens per row (no stop at EOS); every row of a batch is the "
+        f"same prompt of exactly `input_len` tokens; each configuration in a fresh process; "
+        f"{meta['warmup']} warm-up run(s) of 2 new tokens, then the median of {meta['repeats']} (min–max in brackets)",
+        f"- peak memory: {meta['memory_note']}",
+        "",
+    ]
+    lines += tables(summary)
     lines += ["## Every configuration (medians)", ""] + details(summary) + [""]
     lines += [f"![{p}]({p})" for p in plots]
-    lines += ["", "Columns are explained in the README's section *Inference benchmark (benchmark_inference.py)*; "
-              "every repeat is in `results.csv`.", ""]  # fmt: skip
+    lines += [
+        "",
+        "Columns are explained in the README's section *Inference benchmark (benchmark_inference.py)*; "
+        "every repeat is in `results.csv`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -148,7 +227,8 @@ def plots(summary: pd.DataFrame, out: Path) -> list[str]:
 
     s = summary[summary.status == "ok"]
     made = []
-    for x, other, name in (("batch_size", "output_len", "vs_batch_size.png"), ("output_len", "batch_size", "vs_output_len.png")):
+    for x, other in (("batch_size", "output_len"), ("output_len", "batch_size")):
+        name = PLOTS[x]
         if s[x].nunique() < 2:
             continue
         panels = [("wall_s", "runtime (s)"), ("peak_mib", "peak memory (MiB)")]
@@ -156,17 +236,22 @@ def plots(summary: pd.DataFrame, out: Path) -> list[str]:
             panels.append(("ms_per_token", "time per output token (ms)"))
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
         for ax, (col, label) in zip(axes, panels):
-            for (stack, kv, i, o_val), g in s.groupby(["stack", "kv_cache", "input_len", other]):
+            for (stack, quant, kv, i, o_val), g in s.groupby(["stack", "quantize", "kv_cache", "input_len", other]):
                 g = g.sort_values(x)
                 style = "-" if kv == "on" else "--"
-                ax.plot(g[x], g[col], style, marker="o" if stack == "ours" else "s",
-                        label=f"{stack}, cache {kv}, {other.replace('_', ' ')} {o_val}, prompt {i}")  # fmt: skip
+                ax.plot(
+                    g[x],
+                    g[col],
+                    style,
+                    marker="o" if stack == "ours" else "s",
+                    label=f"{stack_name(stack, quant)}, cache {kv}, {other.replace('_', ' ')} {o_val}, prompt {i}",
+                )
             ax.set_xlabel(x.replace("_", " "))
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
         fig.tight_layout()
-        atomic_write(out / name, lambda f: fig.savefig(f, format="png", dpi=110))
+        atomic_write(out / name, lambda f, fig=fig: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
         made.append(name)
     return made
