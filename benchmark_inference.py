@@ -29,6 +29,7 @@ from project.bench.inference import report, results
 from project.bench.inference.config import grid, int_list
 from project.bench.inference.sweep import hf_weights, run_sweep
 from project.cli import run
+from project.quant import QuantConfig
 
 
 def main(
@@ -46,12 +47,16 @@ def main(
     compare: Optional[str] = None,
     threads: Optional[int] = None,
     seed: int = 0,
+    quantize="none",
+    group_size: int = QuantConfig.group_size,
     simulate_oom: str = "",
 ):
     """Sweep batch_sizes × input_lens × output_lens × KV cache (on/off/both), each in a fresh process.
 
     --compare hf also runs Hugging Face transformers' generate on the same weights and prompt ids.
     --threads defaults to PyTorch's default for this machine; it is the same for every configuration.
+    --quantize none,int8,int4 sweeps our stack's weights in those formats (project/quant.py; int4 in groups
+    of --group_size input columns); Hugging Face runs once, with the model's own weights.
     --simulate_oom batch_size=2,kv_cache=off makes the matching configurations fail as out of memory
     after loading (how the tests check that a sweep survives an OOM)."""
     source = ModelSource(ckpt_dir, shape, int(seed))
@@ -63,6 +68,8 @@ def main(
     dt = resolve_dtype(dtype, dev)
     threads = int(threads or torch.get_num_threads())
     stacks = ["ours", "hf"] if compare else ["ours"]
+    modes = str(quantize).replace("(", "").replace(")", "").replace("'", "").replace(",", " ").split()
+    quants = [QuantConfig(m, int(group_size)) for m in modes or ["none"]]
     tf_version = ""
     if compare:
         try:
@@ -98,6 +105,7 @@ def main(
             int_list(output_lens, "output_lens"),
             str(kv),
             stacks,
+            quants,
             device=str(dev),
             dtype=DTYPE_NAMES[dt],
             threads=threads,

@@ -15,7 +15,10 @@ from typing import Optional
 from llama.checkpoint import ModelSource
 from llama.errors import UserError
 from llama.generation import Llama
+from llama.runtime import log
 from project.cli import run
+from project.quant import QuantConfig
+from project.quant import quantize as quantize_model
 
 SAMPLE_PROMPTS = [
     "What is the capital of France?",
@@ -38,11 +41,15 @@ def main(
     batch: bool = False,
     device: str = "auto",
     dtype: str = "auto",
+    quantize: str = "none",
+    group_size: int = QuantConfig.group_size,
     seed: int = 0,
 ):
     """Print each prompt, its completion (streamed when prompts run one at a time) and tokens/s.
 
     --chat wraps each prompt in the model's chat format; --batch runs all prompts in one batch.
+    --quantize int8|int4 stores the linear layers' weights in 8 / 4 bits (project/quant.py; int4 in groups of
+    --group_size input columns).
     """
     if prompt is not None and prompts is not None:
         raise UserError("give --prompt or --prompts, not both")
@@ -52,7 +59,10 @@ def main(
     texts = [str(t) for t in ([prompt] if prompt is not None else list(prompts or SAMPLE_PROMPTS))]
     if max_gen_len < 1:
         raise UserError("--max_gen_len must be at least 1")
+    quant = QuantConfig(str(quantize), int(group_size))
     llama = Llama.build(ModelSource(ckpt_dir, shape, seed), device=device, dtype=dtype)
+    if quant.mode != "none":
+        log(quantize_model(llama.model, quant))
     tok = llama.tokenizer
     encode = (
         (lambda t: tok.encode_dialog([{"role": "user", "content": t}])) if chat else (lambda t: tok.encode(t, bos=True))

@@ -39,6 +39,11 @@ def parameter_bytes(model: torch.nn.Module) -> int:
     return storage_bytes(model.parameters())
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Parameters and buffers: a quantized model keeps its weights in buffers (project/quant.py)."""
+    return storage_bytes([*model.parameters(), *model.buffers()])
+
+
 def gradient_bytes(model: torch.nn.Module) -> int:
     return storage_bytes(p.grad for p in model.parameters())
 

@@ -8,6 +8,7 @@ from typing import Optional
 
 from llama.checkpoint import ModelSource
 from llama.errors import UserError
+from project.quant import QuantConfig
 
 KV_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
 
@@ -27,6 +28,7 @@ class Spec:
     repeats: int
     warmup: int
     source: ModelSource = ModelSource()
+    quant: QuantConfig = QuantConfig()  # weight-only quantization of our stack (project/quant.py)
     hf_dir: Optional[str] = None  # the same weights in Hugging Face layout (converted), for stack "hf"
     prompt: Optional[list[int]] = None  # exact prompt ids; None: build them from the model's tokenizer
     simulate_oom: bool = False  # raise torch.OutOfMemoryError after loading (tests the OOM path)
@@ -34,7 +36,8 @@ class Spec:
     @property
     def name(self) -> str:
         kv = "on " if self.kv_cache else "off"
-        return f"{self.stack:4s} kv {kv} batch {self.batch_size:3d} in {self.input_len} out {self.output_len}"
+        weights = f" {self.quant.name}" if self.quant.mode != "none" else ""
+        return f"{self.stack:4s}{weights} kv {kv} batch {self.batch_size:3d} in {self.input_len} out {self.output_len}"
 
     def matches(self, selector: str) -> bool:
         """True if every key=value of selector (e.g. "batch_size=2,kv_cache=off") holds for this spec."""
@@ -53,7 +56,7 @@ class Spec:
 
     @classmethod
     def from_dict(cls, d: dict) -> Spec:
-        return cls(**{**d, "source": ModelSource(**d["source"])})
+        return cls(**{**d, "source": ModelSource(**d["source"]), "quant": QuantConfig(**d["quant"])})
 
 
 def int_list(value, name: str) -> list[int]:
@@ -69,11 +72,18 @@ def int_list(value, name: str) -> list[int]:
     return out
 
 
-def grid(batch_sizes, input_lens, output_lens, kv: str, stacks: list[str], **common) -> list[Spec]:
-    """Every combination, ordered so that each stack's cache-on and cache-off runs sit next to each other."""
+def grid(
+    batch_sizes, input_lens, output_lens, kv: str, stacks: list[str], quants: list[QuantConfig], **common
+) -> list[Spec]:
+    """Every combination, ordered so that each stack's cache-on and cache-off runs sit next to each other.
+
+    Quantized weights are ours only: the hf stack runs once per configuration, with the model's own weights."""
     if kv not in KV_MODES:
         raise UserError(f"--kv must be on, off or both (got {kv!r})")
+    variants = [("ours", q) for q in quants] + [(s, QuantConfig()) for s in stacks if s != "ours"]
     return [
-        Spec(stack=stack, kv_cache=cache, batch_size=b, input_len=i, output_len=o, **common)
-        for i, o, b, cache, stack in itertools.product(input_lens, output_lens, batch_sizes, KV_MODES[kv], stacks)
+        Spec(stack=stack, kv_cache=cache, batch_size=b, input_len=i, output_len=o, quant=quant, **common)
+        for i, o, b, cache, (stack, quant) in itertools.product(
+            input_lens, output_lens, batch_sizes, KV_MODES[kv], variants
+        )
     ]

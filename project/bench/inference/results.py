@@ -12,7 +12,7 @@ from project.bench.inference.config import Spec
 from project.bench.inference.prompt import tokens_sha
 
 MiB = 1 << 20
-KEYS = ["stack", "kv_cache", "batch_size", "input_len", "output_len"]
+KEYS = ["stack", "quantize", "kv_cache", "batch_size", "input_len", "output_len"]
 CSV_COLUMNS = KEYS + [
     "repeat",
     "status",
@@ -39,6 +39,7 @@ CSV_COLUMNS = KEYS + [
     "threads",
     "torch_version",
     "transformers_version",
+    "quantization",
     "commit",
     "message",
 ]
@@ -50,6 +51,8 @@ def rows(done: list[tuple[Spec, dict]], meta: dict) -> list[dict]:
     for spec, res in done:
         base = {
             "stack": spec.stack,
+            "quantize": spec.quant.name,
+            "quantization": res.get("quantization", ""),
             "kv_cache": "on" if spec.kv_cache else "off",
             "batch_size": spec.batch_size,
             "input_len": spec.input_len,

@@ -1,0 +1,170 @@
+"""Weight-only quantization of the linear layers: int8 per output channel, int4 in groups of input columns.
+
+    int8   w[n, k] ~ s[n] * q[n, k]                          q in [-127, 127],  s[n] = max_k |w[n, k]| / 127
+    int4   w[n, k] ~ s[n, g] * q[n, k] + m[n, g]              q in [0, 15],      per group g of G columns:
+                                                              s = (max - min) / 15,  m = min
+
+Both round to the nearest level, so every weight is off by at most half a step: |w - w_hat| <= s / 2 (the tests
+check exactly this bound). Activations stay in the model's dtype; only the weights shrink (int8: 1 byte, int4:
+half a byte per weight, plus the scales), which is what batch-1 decode is bound by: reading the weights.
+
+Kernels: on CPU, PyTorch's packed weight-only kernels (`torch._weight_int8pack_mm`, and
+`aten._weight_int4pack_mm_for_cpu` on weights packed once at load time by `_convert_weight_to_int4pack_for_cpu`,
+which stores the zero point as m + 8 s, i.e. w ~ s (q - 8) + z). Their fp32 paths are reference loops (over 10x
+slower than the fp32 model itself on an AVX-512 CPU, measured), so an fp32 model's activations enter them in bf16
+and leave in fp32 again ("bf16 activations" in the description). Elsewhere (CUDA, MPS) a plain fallback
+dequantizes the weight and calls F.linear: correct everywhere, but without the speed. `kernel_for` says which.
+
+Why here (project/) and not in llama/: quantization is an efficiency technique applied to a loaded model, like
+LoRA; the model code is unchanged and any checkpoint format can be quantized at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama.errors import UserError
+from llama.runtime import DTYPE_NAMES
+
+MODES = ("none", "int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    mode: str = "none"  # none, int8 or int4
+    group_size: int = 32  # int4 only: input columns sharing one scale and minimum
+    output: bool = True  # also the output projection (the largest matrix of a small model)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise UserError(f"--quantize must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.group_size not in GROUP_SIZES:
+            raise UserError(f"--group_size must be one of {', '.join(map(str, GROUP_SIZES))}, not {self.group_size}")
+
+    @property
+    def name(self) -> str:
+        return f"int4-g{self.group_size}" if self.mode == "int4" else self.mode
+
+
+def kernel_for(device: torch.device, mode: str) -> str:
+    """'packed' where PyTorch has a weight-only kernel for mode on this device, else 'dequantize'."""
+    if device.type == "cpu":
+        has = {
+            "int8": hasattr(torch, "_weight_int8pack_mm"),
+            "int4": hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
+        }
+        if has[mode]:
+            return "packed"
+    return "dequantize"
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> q (N, K) int8, s (N,) fp32 with w ~ s[:, None] * q."""
+    w = w.float()
+    s = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, s
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) -> q (N, K) uint8 in [0, 15], s (N, K/G) and m (N, K/G) fp32 with w ~ s * q + m per group."""
+    N, K = w.shape
+    if K % group_size:
+        raise UserError(f"int4: input width {K} is not a multiple of --group_size {group_size}")
+    g = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    s = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / s[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(N, K), s, lo
+
+
+def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The activations' dtype inside the packed kernels: bf16 for an fp32 model (see the module docstring)."""
+    return torch.bfloat16 if dtype == torch.float32 else dtype
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored as int8 and one scale per output channel."""
+
+    def __init__(self, linear: nn.Linear, kernel: str):
+        super().__init__()
+        w = linear.weight.detach()
+        self.in_features, self.out_features, self.kernel = w.shape[1], w.shape[0], kernel
+        q, s = quantize_int8(w)
+        self.register_buffer("q", q.to(w.device))
+        dtype = kernel_dtype(w.dtype) if kernel == "packed" else w.dtype
+        self.register_buffer("scales", s.to(device=w.device, dtype=dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        """(N, K) in the scales' dtype."""
+        return self.q.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N)."""
+        if self.kernel == "dequantize":
+            return F.linear(x, self.dequantize().to(x.dtype))
+        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        y = torch._weight_int8pack_mm(x2, self.q, self.scales)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W stored as 4-bit levels and a scale and minimum per group of input columns."""
+
+    def __init__(self, linear: nn.Linear, group_size: int, kernel: str):
+        super().__init__()
+        w = linear.weight.detach()
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.group_size, self.kernel = group_size, kernel
+        q, s, m = quantize_int4(w, group_size)
+        if kernel == "packed":
+            # The kernel's layout: (K/G, N, 2) [scale, zero] with w ~ scale * (q - 8) + zero.
+            zeros = m + 8 * s
+            self.register_buffer("q", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int().cpu(), 1))
+            scales_zeros = torch.stack([s.T, zeros.T], dim=-1).to(kernel_dtype(w.dtype)).contiguous()
+            self.register_buffer("scales_zeros", scales_zeros)
+        else:
+            self.register_buffer("q", q.to(w.device))
+            self.register_buffer("scales", s.to(device=w.device, dtype=w.dtype))
+            self.register_buffer("mins", m.to(device=w.device, dtype=w.dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        """(N, K) in the scales' dtype (the fallback's weights; the packed layout is the kernel's own)."""
+        G = self.group_size
+        s, m = self.scales.repeat_interleave(G, dim=1), self.mins.repeat_interleave(G, dim=1)
+        return self.q.to(s.dtype) * s + m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N)."""
+        if self.kernel == "dequantize":
+            return F.linear(x, self.dequantize().to(x.dtype))
+        x2 = x.reshape(-1, self.in_features).to(self.scales_zeros.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.q, self.group_size, self.scales_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize(model: nn.Module, cfg: QuantConfig) -> str:
+    """Replace every nn.Linear of the transformer blocks (and the output projection if cfg.output) in place.
+
+    Tied embeddings keep their full-precision table for the lookup; the output projection gets its own
+    quantized copy. Returns a one-line description (what, which kernel) for the log and the reports."""
+    if cfg.mode == "none":
+        return "weights not quantized"
+    weight = next(model.parameters())
+    kernel = kernel_for(weight.device, cfg.mode)
+    targets = [(block, name) for block in model.layers.modules() for name, child in block.named_children()
+               if isinstance(child, nn.Linear)]  # fmt: skip
+    if cfg.output and isinstance(model.output, nn.Linear):
+        targets.append((model, "output"))
+    for parent, name in targets:
+        linear = getattr(parent, name)
+        new = Int8Linear(linear, kernel) if cfg.mode == "int8" else Int4Linear(linear, cfg.group_size, kernel)
+        setattr(parent, name, new)
+    where = "block linears" + (" and output" if cfg.output else "")
+    acts = f", {DTYPE_NAMES[kernel_dtype(weight.dtype)]} activations" if kernel == "packed" else ""
+    return f"{cfg.name} weights ({len(targets)} {where}), {kernel} kernel on {weight.device.type}{acts}"

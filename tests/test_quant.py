@@ -1,0 +1,132 @@
+"""Weight-only quantization against hand-derived bounds and against its own dequantized reference path."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ToyTokenizer, tiny_model
+from torch import nn
+
+from llama.errors import UserError
+from llama.generation import Llama
+from project.quant import Int4Linear, Int8Linear, QuantConfig, kernel_for, quantize, quantize_int4, quantize_int8
+
+CPU = torch.device("cpu")
+
+
+def linear(n_out=48, n_in=64, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(n_in, n_out, bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(torch.linspace(0.1, 3.0, n_out)[:, None])  # rows of very different ranges
+    return layer
+
+
+def test_int8_round_trip_is_within_half_a_step():
+    w = linear().weight.detach()
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    # The largest |w| of each row maps to exactly +-127: the full range is used.
+    assert torch.equal(q.abs().amax(dim=1), torch.full((w.shape[0],), 127, dtype=torch.int8))
+    err = (w - s[:, None] * q.float()).abs()
+    assert (err <= s[:, None] / 2 + 1e-7).all()
+
+
+def test_int4_round_trip_is_within_half_a_step_per_group():
+    w = linear().weight.detach()
+    q, s, m = quantize_int4(w, 32)
+    assert q.dtype == torch.uint8 and q.max() <= 15 and s.shape == m.shape == (48, 2)
+    deq = (q.float().reshape(48, 2, 32) * s[..., None] + m[..., None]).reshape(48, 64)
+    assert ((w - deq).abs().reshape(48, 2, 32) <= s[..., None] / 2 + 1e-6).all()
+    # Each group's minimum and maximum are levels 0 and 15 exactly.
+    g = w.reshape(48, 2, 32)
+    assert torch.allclose(deq.reshape(48, 2, 32).amin(-1), g.amin(-1)) and torch.allclose(
+        deq.reshape(48, 2, 32).amax(-1), g.amax(-1), atol=1e-6
+    )
+
+
+def test_int4_weights_already_on_a_4_bit_grid_come_back_exactly():
+    """A GGUF Q4_1 block (w = d q + m, 32 columns) quantized again with group 32 loses nothing."""
+    torch.manual_seed(1)
+    d, m = torch.rand(8, 2, 1) + 0.1, torch.randn(8, 2, 1)
+    levels = torch.randint(0, 16, (8, 2, 32)).float()
+    levels[..., 0], levels[..., 1] = 0, 15  # the block's own minimum and maximum
+    w = (d * levels + m).reshape(8, 64)
+    q, s, lo = quantize_int4(w, 32)
+    deq = (q.float().reshape(8, 2, 32) * s[..., None] + lo[..., None]).reshape(8, 64)
+    torch.testing.assert_close(deq, w, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_linear_output_error_is_bounded(mode):
+    """|x W^T - x W_hat^T| <= sum_k |x_k| * s/2: each weight is off by at most half its step (fp32 fallback)."""
+    layer, x = linear(), torch.randn(5, 64)
+    q = Int8Linear(layer, "dequantize") if mode == "int8" else Int4Linear(layer, 32, "dequantize")
+    y, ref = q(x), x @ layer.weight.detach().T
+    if mode == "int8":
+        step = q.scales[None, :].expand(64, -1)  # (K, N)
+    else:
+        step = q.scales.repeat_interleave(32, dim=1).T  # (K, N)
+    bound = x.abs() @ (step / 2)
+    assert ((y - ref).abs() <= bound + 1e-5).all()
+    assert (y - ref).abs().max() > 0  # quantization did change something: the test is not vacuous
+    torch.testing.assert_close(y, x @ q.dequantize().T)
+
+
+@pytest.mark.skipif(kernel_for(CPU, "int8") != "packed", reason="no packed int8 kernel in this PyTorch")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_int8_kernel_matches_the_fallback(dtype):
+    layer = linear().to(dtype)
+    x = torch.randn(3, 7, 64, dtype=dtype)
+    packed, plain = Int8Linear(layer, "packed"), Int8Linear(layer, "dequantize")
+    y = packed(x)
+    assert y.dtype == dtype and y.shape == (3, 7, 48)
+    ref = plain(x).float()
+    # The kernel computes in bf16 (an fp32 model's activations are cast): bf16 rounding of x and the output.
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.skipif(kernel_for(CPU, "int4") != "packed", reason="no packed int4 kernel in this PyTorch")
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_packed_int4_kernel_matches_the_fallback(group_size):
+    layer = linear(n_out=64, n_in=128)
+    x = torch.randn(2, 5, 128)
+    y, ref = Int4Linear(layer, group_size, "packed")(x), Int4Linear(layer, group_size, "dequantize")(x)
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_quantize_replaces_every_block_linear_and_the_output():
+    model = tiny_model()
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    text = quantize(model, QuantConfig("int8"))
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == n_linear
+    assert "int8" in text and str(n_linear) in text
+    kept = tiny_model()
+    quantize(kept, QuantConfig("int4", output=False))
+    assert isinstance(kept.output, nn.Linear) and isinstance(kept.layers[0].attention.wq, Int4Linear)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_stays_close_and_cache_on_off_agree(mode):
+    ref = tiny_model(dim=64, hidden_dim=128)
+    model = tiny_model(dim=64, hidden_dim=128)
+    quantize(model, QuantConfig(mode))
+    x = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        a, b = F.log_softmax(ref(x), -1), F.log_softmax(model(x), -1)
+    # The quantized model's next-token distribution stays near the original (KL per position, nats).
+    kl = (a.exp() * (a - b)).sum(-1)
+    assert kl.max() < (0.05 if mode == "int8" else 0.5)
+    llama = Llama(model, ToyTokenizer(), CPU)
+    on = llama.generate([[1, 2, 3, 4]], 12, use_kv_cache=True, stop_at_eos=False).tokens
+    off = llama.generate([[1, 2, 3, 4]], 12, use_kv_cache=False, stop_at_eos=False).tokens
+    assert on == off
+
+
+def test_bad_settings_are_user_errors():
+    with pytest.raises(UserError, match="--quantize"):
+        QuantConfig("int3")
+    with pytest.raises(UserError, match="--group_size"):
+        QuantConfig("int4", group_size=48)
+    with pytest.raises(UserError, match="multiple of"):
+        quantize_int4(torch.randn(4, 40), 32)
