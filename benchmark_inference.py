@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,15 +23,18 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from llama.checkpoint import ModelSource, atomic_write
+from llama.checkpoint import REPO_ROOT, ModelSource, atomic_write
 from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES, log, resolve_device, resolve_dtype
 from project.bench.harness import device_name, git_commit
 from project.bench.inference import report, results
 from project.bench.inference.config import grid, int_list
+from project.bench.inference.quality import run_quality
 from project.bench.inference.sweep import hf_weights, run_sweep
 from project.cli import run
 from project.quant import QuantConfig
+
+LIMITS_TOOL = REPO_ROOT.parent / "shared" / "tools" / "machine_limits.py"
 
 
 def main(
@@ -49,6 +54,7 @@ def main(
     seed: int = 0,
     quantize="none",
     group_size: int = QuantConfig.group_size,
+    limits: bool = False,
     simulate_oom: str = "",
 ):
     """Sweep batch_sizes × input_lens × output_lens × KV cache (on/off/both), each in a fresh process.
@@ -57,6 +63,7 @@ def main(
     --threads defaults to PyTorch's default for this machine; it is the same for every configuration.
     --quantize none,int8,int4 sweeps our stack's weights in those formats (project/quant.py; int4 in groups
     of --group_size input columns); Hugging Face runs once, with the model's own weights.
+    --limits runs ../shared/tools/machine_limits.py first (about 30 s) and sets our figures against them.
     --simulate_oom batch_size=2,kv_cache=off makes the matching configurations fail as out of memory
     after loading (how the tests check that a sweep survives an OOM)."""
     source = ModelSource(ckpt_dir, shape, int(seed))
@@ -97,6 +104,7 @@ def main(
         "warmup": int(warmup),
         "memory_note": report.memory_note(dev.type),
     }
+    machine = measure_limits(out_dir) if limits else None
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         hf_dir = hf_weights(source, dt, Path(tmp) / "hf") if compare else None
         specs = grid(
@@ -126,15 +134,31 @@ def main(
             results.write_csv(frame, out_dir / "results.csv")
 
         done = run_sweep(specs, Path(tmp), on_result=save)
+        quality = None
+        if any(q.mode != "none" for q in quants):
+            log("quality of each weight format: perplexity of data/heldout.txt, greedy agreement ...")
+            quality = pd.DataFrame(run_quality(source, DTYPE_NAMES[dt], str(dev), quants, Path(tmp)))
+            results.write_csv(quality, out_dir / "quality.csv")
     if all(res["status"] == "error" for _, res in done):
         raise UserError(f"every configuration failed; the first said: {done[0][1].get('message', '?')}")
     df = pd.read_csv(out_dir / "results.csv", keep_default_na=True)
     summary = results.summarize(df)
     results.write_csv(summary, out_dir / "summary.csv")
     plots = report.plots(summary, out_dir)
-    text = report.report(summary, meta, plots)
+    text = report.report(summary, meta, plots, quality, machine)
     atomic_write(out_dir / "report.md", text)
     print(text)
+
+
+def measure_limits(out_dir: Path) -> dict:
+    """The machine's limits (memory read rate, matmul rates, Llama 3.2-1B bounds), saved as machine_limits.json."""
+    if not LIMITS_TOOL.exists():
+        raise UserError(f"--limits needs {LIMITS_TOOL} (the shared folder beside the repository)")
+    log(f"measuring the machine's limits with {LIMITS_TOOL.name} ...")
+    run = subprocess.run([sys.executable, str(LIMITS_TOOL), "--json"], capture_output=True, text=True, check=True)
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    atomic_write(out_dir / "machine_limits.json", json.dumps(facts, indent=2))
+    return facts
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from llama.checkpoint import ModelSource, save_meta
 from llama.generation import Llama
 from llama.runtime import describe, log
 from project.allocator import allocator_settings
-from project.bench.harness import device_name, environment
+from project.bench.harness import cpu_steal, cpu_ticks, device_name, environment
 from project.checkpointing import apply_checkpointing
 from project.data import build_dataset, find_dataset, format_prompt, load_records, validate_records
 from project.model.lora import LoRAConfig, apply_lora, count_parameters, describe_trainable, merge_lora, save_adapter
@@ -81,7 +81,9 @@ def finetune(
     before = generate(model, tokenizer, device, sample_ids, sample_max_gen_len)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "train_log.jsonl"
+    ticks = cpu_ticks()
     train(model, dataset, tokenizer.pad_id, cfg, device, log_path, run_dir / "training_state.pt", resume)
+    steal = cpu_steal(ticks, cpu_ticks())
     after = generate(model, tokenizer, device, sample_ids, sample_max_gen_len)
 
     if lora:
@@ -113,6 +115,7 @@ def finetune(
         "device_name": device_name(device),
         "threads": env["threads"],
         "allocator": allocator_settings(),
+        "cpu_steal": steal,  # share of CPU time a hypervisor gave other guests during training (None: not Linux)
         "versions": {k: env[k] for k in ("python", "torch", "numpy")},
         "command": command,
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 
 import pandas as pd
@@ -17,6 +18,9 @@ from llama.errors import UserError
 from llama.tokenizer import Llama3Tokenizer
 from project.bench.inference.config import int_list
 from project.bench.inference.prompt import prompt_tokens
+from project.bench.inference.quality import HELDOUT, agreement
+from project.bench.inference.report import limits_section
+from project.quant import kernel_for
 
 IN_LEN, OUT_LEN, REPEATS = 12, 5, 2
 COLUMNS = [
@@ -86,6 +90,37 @@ def bench(tiny_ckpt, out, *extra):
     )
     assert proc.returncode == 0, proc.stderr
     return proc
+
+
+def test_weight_formats_and_their_quality(tiny_ckpt, tmp_path):
+    """--quantize adds rows per weight format and quality.csv, whose reference perplexity is the one worked here."""
+    out = tmp_path / "quant"
+    bench(tiny_ckpt, out, "--batch_sizes", "1", "--kv", "on", "--quantize", "none,int8,int4")
+    df = pd.read_csv(out / "results.csv")
+    assert sorted(set(df.quantize)) == ["int4-g32", "int8", "none"] and (df.status == "ok").all()
+    # By hand: the embedding table stays fp32 (the lookup), norms fp32, rotary table 8 fp32; every linear (and
+    # the output projection's own copy) 1 byte a weight plus a scale per output row: bf16 for the packed CPU
+    # kernel, the model's fp32 otherwise.
+    scale = 2 if kernel_for(torch.device("cpu"), "int8") == "packed" else 4
+    linears, rows = 64 * 64 * 2 + 32 * 64 * 2 + 3 * 96 * 64, 64 + 32 + 32 + 64 + 96 + 64 + 96
+    fp32 = 128256 * 64 + 2 * (2 * 64) + 64 + 8
+    int8 = 4 * fp32 + 128256 * (64 + scale) + 2 * (linears + scale * rows)
+    w = df.groupby("quantize").weights_mib.first()
+    assert w["int8"] == pytest.approx(int8 / 2**20) and w["int4-g32"] < w["int8"] < w["none"]
+    q = pd.read_csv(out / "quality.csv").set_index("quantize")
+    model, tok = load_checkpoint(tiny_ckpt, torch.float32, "cpu")
+    ids = torch.tensor([tok.encode(HELDOUT.read_text(), bos=True)[: model.args.max_seq_len]])
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:]).item()
+    assert q.loc["none", "perplexity"] == pytest.approx(math.exp(nll), rel=1e-4)
+    assert q.loc["none", "identical_prompts"] == q.loc["none", "prompts"] == 4
+    assert q.loc["int8", "perplexity_change"] == pytest.approx(q.loc["int8", "perplexity"] / math.exp(nll) - 1)
+    assert "What each weight format costs in quality" in (out / "report.md").read_text()
+
+
+def test_greedy_agreement_counts_identical_leading_tokens():
+    got = agreement([[1, 2, 3], [4, 5, 6]], [[1, 2, 9], [4, 5, 6]])
+    assert got == {"same_prefix_tokens": 2.5, "identical_prompts": 1, "prompts": 2}
 
 
 def test_end_to_end_csv_markdown_and_oom(tiny_ckpt, tmp_path, monkeypatch):
@@ -191,3 +226,21 @@ def test_compare_hf_same_tokens(tiny_ckpt, tmp_path):
     assert df.tokens_sha.nunique() == 1  # ours and transformers, with and without cache: the same greedy tokens
     assert df.prompt_sha.nunique() == 1
     assert "## Hugging Face ÷ ours" in (out / "report.md").read_text()
+
+
+def test_limits_section_scales_the_bound_by_bytes_per_weight():
+    """machine_limits.py's bf16 bound of 20 tok/s means 10 in fp32, 40 in int8, 80 in int4 (bytes per weight)."""
+    machine = {"device": "cpu", "llama3.2-1b_limits": {"decode_tok_per_s_batch1_bf16": 20.0}}
+    summary = pd.DataFrame(
+        [
+            dict(stack="ours", quantize=q, batch_size=1, kv_cache="on", status="ok", decode_tokens_per_s=v)
+            for q, v in (("none", 5.0), ("int8", 30.0), ("int4-g32", 20.0))
+        ]
+        + [dict(stack="hf", quantize="none", batch_size=1, kv_cache="on", status="ok", decode_tokens_per_s=4.0)]
+    ).assign(dtype="fp32")
+    lines = limits_section(machine, summary, "llama3.2-1b (random weights, seed 0)")
+    rows = {line.split("|")[1].strip(): line.split("|")[3:5] for line in lines if line.startswith(("| none", "| int"))}
+    assert [c.strip() for c in rows["none (fp32)"]] == ["10.0", "50%"]
+    assert [c.strip() for c in rows["int8 (fp32)"]] == ["40.0", "75%"]
+    assert [c.strip() for c in rows["int4-g32 (fp32)"]] == ["80.0", "25%"]
+    assert "| device | cpu |" in lines and not limits_section(machine, summary, "SmolLM2")[-1].startswith("| int")

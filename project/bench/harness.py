@@ -41,11 +41,13 @@ def run_child(module: str, spec: dict, folder: Path, tag: str, env=None, timeout
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", module, str(spec_path), str(result_path)]
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    ticks = cpu_ticks()
     with open(log_path, "w") as out:
         try:
             proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return {"status": "timeout", "message": f"did not finish within {timeout_s:g} s"}
+    steal = cpu_steal(ticks, cpu_ticks())
     if result_path.exists():
         result = json.loads(result_path.read_text())
     elif proc.returncode == -signal.SIGKILL:
@@ -55,6 +57,8 @@ def run_child(module: str, spec: dict, folder: Path, tag: str, env=None, timeout
         result = {"status": "error", "message": f"child failed: {tail[0]}"}
     if result["status"] == "error":
         log(log_path.read_text().rstrip())
+    if steal is not None:
+        result["cpu_steal"] = steal
     return result
 
 
@@ -89,6 +93,23 @@ def status_line(result: dict, ok_text: Callable[[dict], str]) -> str:
 
 
 # ---- where and with what it ran -------------------------------------------------------------------------
+def cpu_ticks() -> Optional[list[int]]:
+    """The machine's CPU time counters (Linux /proc/stat: user nice system idle iowait irq softirq steal ...)."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_steal(before: Optional[list[int]], after: Optional[list[int]]) -> Optional[float]:
+    """The share of CPU time the hypervisor took for other guests between two cpu_ticks() readings: timings
+    taken while it is high are slower than this machine's own speed (a virtual machine's neighbours)."""
+    if not before or not after or len(before) < 8:
+        return None
+    spent = [b - a for a, b in zip(before, after)]
+    return spent[7] / sum(spent) if sum(spent) else None
+
+
 def environment(device: torch.device) -> dict:
     """The facts every result records: device name, threads, versions, native low-precision matmuls."""
     import numpy

@@ -57,6 +57,11 @@ def settings_lines(summary: dict) -> list[str]:
         "training": ", ".join(f"{k} {v}" for k, v in summary["training"].items()),
         "device": f"{summary['device']} ({summary['device_name']}), {summary['threads']} threads",
         "allocator": summary["allocator"],
+        **(
+            {"CPU steal during training": f"{100 * summary['cpu_steal']:.0f}% (time the hypervisor gave other guests)"}
+            if summary.get("cpu_steal") is not None
+            else {}
+        ),
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
         "command": f"`{summary['command']}`",
     }

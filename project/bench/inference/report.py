@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from llama.checkpoint import atomic_write
+from project.bench.inference.quality import GREEDY_TOKENS, PROMPTS
 
 STACK_NAMES = {"ours": "ours (llama/)", "hf": "Hugging Face transformers"}
 
@@ -190,7 +191,75 @@ def by_output_len(summary: pd.DataFrame) -> list[str]:
     return lines
 
 
-def report(summary: pd.DataFrame, meta: dict, plots: list[str]) -> str:
+def quality_table(q: pd.DataFrame) -> list[str]:
+    """Perplexity on data/heldout.txt and greedy agreement with the unquantized model, one row per weight format."""
+    lines = [
+        "| weights | perplexity | vs unquantized | greedy tokens identical to unquantized (mean of prompts) "
+        "| prompts identical throughout |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in q.itertuples():
+        if r.status != "ok":
+            lines.append(f"| {r.quantize} | {r.status} | | | |")
+            continue
+        change = "reference" if r.quantize == "none" else f"{100 * r.perplexity_change:+.2f}%"
+        lines.append(
+            f"| {r.quantize} | {r.perplexity:.3f} | {change} | {r.same_prefix_tokens:.1f} of {GREEDY_TOKENS} "
+            f"| {int(r.identical_prompts)} of {int(r.prompts)} |"
+        )
+    return lines
+
+
+def steal_note(summary: pd.DataFrame) -> list[str]:
+    """The CPU time a hypervisor took for other guests while the configurations ran (virtual machines only)."""
+    if "cpu_steal" not in summary or summary.cpu_steal.isna().all():
+        return []
+    return [
+        f"- CPU steal (time the hypervisor gave other guests) while a configuration ran: "
+        f"{100 * summary.cpu_steal.min():.0f}–{100 * summary.cpu_steal.max():.0f}% (per configuration in summary.csv); "
+        "timings taken under steal are slower than this machine's own speed"
+    ]
+
+
+def limits_section(machine: dict, summary: pd.DataFrame, model: str) -> list[str]:
+    """The machine's limits as measured by machine_limits.py and, on the Llama 3.2-1B shape, batch-1 decode
+    with the cache as a share of the limit for its weight bytes (fp32 counts 4 bytes, bf16/fp16 2, int8 1, int4
+    0.5: the limit scales from the tool's bf16 figure)."""
+    lines = ["| measured | value |", "|---|---|"]
+    for key, value in machine.items():
+        if isinstance(value, dict):
+            lines += [f"| {key}: {k} | {v} |" for k, v in value.items()]
+        else:
+            lines.append(f"| {key} | {value} |")
+    bound = machine.get("llama3.2-1b_limits", {}).get("decode_tok_per_s_batch1_bf16")
+    rows = summary[(summary["stack"] == "ours") & (summary.batch_size == 1) & (summary.kv_cache == "on")]
+    rows = rows[rows.status == "ok"]
+    if bound and model.startswith("llama3.2-1b") and len(rows):
+        lines += [
+            "",
+            "| ours, batch 1, cache on | decode tokens/s | physical limit for these weights | share |",
+            "|---|---:|---:|---:|",
+        ]
+        for r in rows.itertuples():
+            per_weight = {"none": BYTES.get(r.dtype, 2), "int8": 1}.get(r.quantize, 0.5)
+            limit = bound * 2 / per_weight
+            lines.append(
+                f"| {r.quantize} ({r.dtype}) | {r.decode_tokens_per_s:.1f} | {limit:.1f} | "
+                f"{100 * r.decode_tokens_per_s / limit:.0f}% |"
+            )
+    return lines
+
+
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def report(
+    summary: pd.DataFrame,
+    meta: dict,
+    plots: list[str],
+    quality: pd.DataFrame | None = None,
+    machine: dict | None = None,
+) -> str:
     lines = [
         f"# Inference benchmark: {meta['model']}",
         "",
@@ -203,9 +272,24 @@ def report(summary: pd.DataFrame, meta: dict, plots: list[str]) -> str:
         f"same prompt of exactly `input_len` tokens; each configuration in a fresh process; "
         f"{meta['warmup']} warm-up run(s) of 2 new tokens, then the median of {meta['repeats']} (min–max in brackets)",
         f"- peak memory: {meta['memory_note']}",
+        *steal_note(summary),
         "",
     ]
+    if machine is not None:
+        lines += ["## This machine's limits (`../shared/tools/machine_limits.py --json`, machine_limits.json)", ""]
+        lines += limits_section(machine, summary.assign(dtype=meta["dtype"]), meta["model"]) + [""]
     lines += tables(summary)
+    if quality is not None:
+        lines += [
+            "## What each weight format costs in quality",
+            "",
+            f"Perplexity of `data/heldout.txt` ({int(quality.tokens.max())} tokens, {quality.dtype.iloc[0]}) and "
+            f"greedy continuations of {GREEDY_TOKENS} tokens for {len(PROMPTS)} fixed chat prompts, each format "
+            "in a fresh process (`project/bench/inference/quality.py`; `quality.csv`).",
+            "",
+            *quality_table(quality),
+            "",
+        ]
     lines += ["## Every configuration (medians)", ""] + details(summary) + [""]
     lines += [f"![{p}]({p})" for p in plots]
     lines += [

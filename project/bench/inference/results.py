@@ -32,6 +32,7 @@ CSV_COLUMNS = KEYS + [
     "tokens_sha",
     "prompt_sha",
     "peak_reset",
+    "cpu_steal",
     "model",
     "device",
     "device_name",
@@ -64,6 +65,7 @@ def rows(done: list[tuple[Spec, dict]], meta: dict) -> list[dict]:
             "device_name": res.get("device_name", meta.get("device_name", "")),
             "transformers_version": res.get("transformers_version", "") if spec.stack == "hf" else "",
             "message": res.get("message", ""),
+            "cpu_steal": res.get("cpu_steal"),
             **{k: meta[k] for k in ("model", "device", "dtype", "threads", "torch_version", "commit")},
         }
         if res["status"] != "ok":
@@ -118,6 +120,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         ok = g[g["status"] == "ok"]
         for c in numeric:
             row[c] = pd.to_numeric(ok[c]).median() if len(ok) else None
+        if "cpu_steal" in g:  # one value per configuration (the child process), absent in older files
+            row["cpu_steal"] = pd.to_numeric(g["cpu_steal"]).max()
         row["wall_min_s"] = ok["wall_s"].min() if len(ok) else None
         row["wall_max_s"] = ok["wall_s"].max() if len(ok) else None
         shas = set(ok["tokens_sha"])
