@@ -12,7 +12,10 @@ Kernels: on CPU, PyTorch's packed weight-only kernels (`torch._weight_int8pack_m
 `aten._weight_int4pack_mm_for_cpu` on weights packed once at load time by `_convert_weight_to_int4pack_for_cpu`,
 which stores the zero point as m + 8 s, i.e. w ~ s (q - 8) + z). Their fp32 paths are reference loops (over 10x
 slower than the fp32 model itself on an AVX-512 CPU, measured), so an fp32 model's activations enter them in bf16
-and leave in fp32 again ("bf16 activations" in the description). Elsewhere (CUDA, MPS) a plain fallback
+and leave in fp32 again ("bf16 activations" in the description). That suits decoding (a few rows: reading the
+weights is the cost); for an int8 layer fed more than PACKED_MAX_ROWS rows of fp32 activations (a prefill) the
+weight is dequantized and the fp32 matmul runs instead, because there the cost is arithmetic, and on CPUs without
+bf16 instructions bf16 arithmetic is emulated and slower than fp32. Elsewhere (CUDA, MPS) a plain fallback
 dequantizes the weight and calls F.linear: correct everywhere, but without the speed. `kernel_for` says which.
 
 Why here (project/) and not in llama/: quantization is an efficiency technique applied to a loaded model, like
@@ -31,6 +34,7 @@ from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES
 
 MODES = ("none", "int8", "int4")
+PACKED_MAX_ROWS = 32  # int8, fp32 activations: above this many rows, dequantize and use the fp32 matmul
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -106,10 +110,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N)."""
-        if self.kernel == "dequantize":
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "dequantize" or (x.dtype == torch.float32 and x2.shape[0] > PACKED_MAX_ROWS):
             return F.linear(x, self.dequantize().to(x.dtype))
-        x2 = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        y = torch._weight_int8pack_mm(x2, self.q, self.scales)
+        y = torch._weight_int8pack_mm(x2.to(self.scales.dtype), self.q, self.scales)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

@@ -8,7 +8,16 @@ from torch import nn
 
 from llama.errors import UserError
 from llama.generation import Llama
-from project.quant import Int4Linear, Int8Linear, QuantConfig, kernel_for, quantize, quantize_int4, quantize_int8
+from project.quant import (
+    PACKED_MAX_ROWS,
+    Int4Linear,
+    Int8Linear,
+    QuantConfig,
+    kernel_for,
+    quantize,
+    quantize_int4,
+    quantize_int8,
+)
 
 CPU = torch.device("cpu")
 
@@ -83,6 +92,13 @@ def test_packed_int8_kernel_matches_the_fallback(dtype):
     ref = plain(x).float()
     # The kernel computes in bf16 (an fp32 model's activations are cast): bf16 rounding of x and the output.
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_int8_prefill_of_fp32_activations_uses_the_fp32_matmul():
+    """Above PACKED_MAX_ROWS rows of fp32 activations the layer computes x @ dequantized W^T in fp32 exactly."""
+    layer = Int8Linear(linear(), kernel_for(CPU, "int8"))
+    x = torch.randn(PACKED_MAX_ROWS + 1, 64)
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().float().T, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(kernel_for(CPU, "int4") != "packed", reason="no packed int4 kernel in this PyTorch")
