@@ -8,6 +8,7 @@ its README.md / plots via write_report). Expected cells are worked out by hand f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -25,6 +26,7 @@ from project.bench.inference import report as inference_report
 from project.bench.inference import results as inference_results
 from project.bench.inference.config import Spec
 from project.model.lora import LoRAConfig
+from project.quant import QuantConfig
 from project.reports import phase1, phase2, phase3
 from project.reports.build import build_all
 from project.reports.finetune_run import write_run_report
@@ -433,6 +435,53 @@ def test_phase2_runtime_versus_output_length(results):
     assert t["**with KV cache**", "runtime (s)"][2:] == ["1.00", "2.00", "4.00"]
     assert t["", "ms per token"][2:] == ["62.5", "93.8", "156.2"]  # without: 1000 x 2/32, 6/64, 20/128
     assert "grows 4.0× with the cache and 10.0× without it" in text  # 4.0/1.0 and 20/2
+
+
+def test_phase2_quantized_weights_section(results):
+    """The weight formats' folder beside Table 1's: a table per format, the quality table, the limits."""
+    folder = results["inference"].parent / phase2.QUANT_DIR
+    folder.mkdir()
+    done = []
+    for spec, res in inference_done():
+        if spec.kv_cache and res["status"] == "ok":
+            done += [(spec, res), (dataclasses.replace(spec, quant=QuantConfig("int8")), res)]
+    frame = pd.DataFrame(inference_results.rows(done, INFERENCE_META), columns=inference_results.CSV_COLUMNS)
+    inference_results.write_csv(frame, folder / "results.csv")
+    pd.DataFrame(
+        [
+            dict(
+                quantize="none",
+                dtype="bf16",
+                status="ok",
+                perplexity=10.0,
+                perplexity_change=0.0,
+                tokens=500,
+                same_prefix_tokens=32.0,
+                identical_prompts=4,
+                prompts=4,
+            ),
+            dict(
+                quantize="int8",
+                dtype="bf16",
+                status="ok",
+                perplexity=10.05,
+                perplexity_change=0.005,
+                tokens=500,
+                same_prefix_tokens=30.5,
+                identical_prompts=3,
+                prompts=4,
+            ),
+        ]  # fmt: skip
+    ).to_csv(folder / "quality.csv", index=False)
+    text = phase2.build(results["reports"], results["inference"], "skip", ENV, warnings := [])
+    section = text[text.index("## Quantized weights") :]
+    assert warnings == [] and "### ours (llama/), int8 weights: prompt 256 tokens, 32 new tokens" in section
+    assert "| int8 | 10.050 | +0.50% | 30.5 of 32 | 3 of 4 |" in section
+    # Without the folder the section says which command makes it, and the rest of the report is unchanged.
+    shutil.rmtree(folder)
+    assert "**No results yet** for the weight formats" in phase2.build(
+        results["reports"], results["inference"], "skip", ENV, []
+    )
 
 
 def test_missing_results_are_said_plainly(tmp_path):

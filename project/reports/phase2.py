@@ -22,6 +22,11 @@ from . import facts, md
 RESULTS = "results.csv"  # written by benchmark_inference.py into its --out folder
 SAMPLES = "kv_cache_samples.json"  # written by make_samples (python -m project.reports --samples=run)
 COMMAND = "python benchmark_inference.py"
+QUANT_DIR = "inference_quant"  # beside the Table 1 folder
+QUANT_COMMAND = (
+    "python benchmark_inference.py --quantize none,int8,int4 --compare hf --batch_sizes 1,16 --kv on --limits "
+    "--out reports/inference_quant"
+)
 SAMPLE_PROMPTS = ["What is the capital of France?", "Name three primary colours."]
 SAMPLE_TOKENS = 32
 
@@ -271,6 +276,39 @@ def results_section(folder: Path, reports_dir: Path, warnings: list) -> tuple[st
     return prov, "\n".join(out)
 
 
+def quant_section(folder: Path, reports_dir: Path, warnings: list) -> str:
+    """Weight formats side by side (Table 1 per format, Hugging Face ÷ ours), their quality and the machine's
+    limits, from the quantization benchmark's folder, rendered by the benchmark's own renderers."""
+    path = folder / RESULTS
+    if not path.exists():  # an optional measurement: said plainly, not a warning
+        return md.missing("the weight formats", f"`{md.shown_path(path)}` does not exist", QUANT_COMMAND)
+    frame = pd.read_csv(path)
+    summary = results.summarize(frame)
+    made_by = folder / "report.md"
+    out = [
+        f"From `{md.shown_path(path)}`: {md.distinct(frame, 'model')} on {md.distinct(frame, 'device_name')}, "
+        f"dtype {md.distinct(frame, 'dtype')}, benchmark commit {md.distinct(frame, 'commit')}; the command is in "
+        f"[`report.md`]({md.relative(made_by, reports_dir)}). Weight-only int8 / int4 (`project/quant.py`): "
+        f"{'; '.join(sorted(set(frame.quantization.dropna().astype(str)) - {'weights not quantized'}))}.",
+        "",
+    ]
+    limits = folder / "machine_limits.json"
+    if limits.exists():
+        machine = json.loads(limits.read_text())
+        dtype, model = md.distinct(frame, "dtype"), md.distinct(frame, "model")
+        out += [
+            "### This machine's limits",
+            "",
+            *report.limits_section(machine, summary.assign(dtype=dtype), model),
+            "",
+        ]
+    out += report.tables(summary, "###")
+    quality = folder / "quality.csv"
+    if quality.exists():
+        out += ["### What each weight format costs in quality", "", *report.quality_table(pd.read_csv(quality)), ""]
+    return "\n".join(out)
+
+
 def build(reports_dir: Path, inference_dir: Path, samples: str, env: dict, warnings: list) -> str:
     prov, table1 = results_section(inference_dir, reports_dir, warnings)
     return (
@@ -292,6 +330,10 @@ def build(reports_dir: Path, inference_dir: Path, samples: str, env: dict, warni
                 "## Table 1: peak memory and runtime, with and without the cache",
                 "",
                 table1,
+                "",
+                "## Quantized weights: int8 and int4 against the model's own dtype",
+                "",
+                quant_section(inference_dir.parent / QUANT_DIR, reports_dir, warnings),
             ]
         ).rstrip()
         + "\n"
