@@ -135,7 +135,9 @@ def main(
 
         done = run_sweep(specs, Path(tmp), on_result=save)
         quality = None
-        if any(q.mode != "none" for q in quants):
+        if any(q.mode != "none" for q in quants) and source.shape:
+            log("quality of the weight formats not measured: random weights have no quality to lose")
+        elif any(q.mode != "none" for q in quants):
             log("quality of each weight format: perplexity of data/heldout.txt, greedy agreement ...")
             quality = pd.DataFrame(run_quality(source, DTYPE_NAMES[dt], str(dev), quants, Path(tmp)))
             results.write_csv(quality, out_dir / "quality.csv")

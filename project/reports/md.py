@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+import pandas as pd
+
 from llama.checkpoint import REPO_ROOT
 
 
@@ -41,6 +43,23 @@ def distinct(frame, column: str) -> str:
     if column not in frame.columns:
         return "not recorded"
     return ", ".join(str(v) for v in dict.fromkeys(frame[column].dropna().astype(str)))
+
+
+def read_results(path: Path, read, tables: str, label: str, command: str, warnings: list):
+    """(read(path), None), or (None, (provenance, section)) saying plainly why there is nothing to show: the file
+    is missing, has no rows, or is not in the format its benchmark writes (a column is missing)."""
+    shown = shown_path(path)
+    if not path.exists():
+        warnings.append(f"{shown} does not exist: run `{command}`")
+        return None, (f"{label}: none yet", missing(tables, f"`{shown}` does not exist", command))
+    try:
+        return read(path), None
+    except (KeyError, AttributeError) as e:  # not what the benchmark writes
+        problem = f"`{shown}` lacks the column '{e.args[0] if isinstance(e, KeyError) else e.name}'"
+    except pd.errors.EmptyDataError:
+        problem = f"`{shown}` has no rows"
+    warnings.append(problem)
+    return None, (f"{label} `{shown}` (unreadable)", missing(tables, problem, command))
 
 
 def missing(what: str, reason: str, command: str) -> str:

@@ -226,23 +226,21 @@ def growth(summary: pd.DataFrame) -> list[str]:
 
 
 # ---- Table 1 ---------------------------------------------------------------------------------------
+def read_results(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(results.csv, its summary by configuration); EmptyDataError when it has no rows."""
+    frame = pd.read_csv(path)
+    if not len(frame):
+        raise pd.errors.EmptyDataError("no rows")
+    return frame, results.summarize(frame)
+
+
 def results_section(folder: Path, reports_dir: Path, warnings: list) -> tuple[str, str]:
     """(provenance line, Table 1 section) from the benchmark's results.csv in folder."""
     path = folder / RESULTS
-    if not path.exists():
-        warnings.append(f"{md.shown_path(path)} does not exist: run `{COMMAND}`")
-        return "benchmark results: none yet", md.missing("Table 1", f"`{md.shown_path(path)}` does not exist", COMMAND)
-    try:
-        frame = pd.read_csv(path)
-        summary = results.summarize(frame)
-        problem = None if len(frame) else f"`{md.shown_path(path)}` has no rows"
-    except KeyError as e:  # not what benchmark_inference.py writes
-        problem = f"`{md.shown_path(path)}` lacks the column {e}"
-    except pd.errors.EmptyDataError:
-        problem = f"`{md.shown_path(path)}` is empty"
-    if problem:
-        warnings.append(problem)
-        return f"benchmark results `{md.shown_path(path)}` (unreadable)", md.missing("Table 1", problem, COMMAND)
+    read, failed = md.read_results(path, read_results, "Table 1", "benchmark results", COMMAND, warnings)
+    if failed:
+        return failed
+    frame, summary = read
     made_by = folder / "report.md"
     command = (
         f"the exact command is in [`report.md`]({md.relative(made_by, reports_dir)})" if made_by.exists() else COMMAND

@@ -237,26 +237,24 @@ def tables(frame: pd.DataFrame) -> list[str]:
     ]
 
 
+def read_measurements(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """(measurements.csv, its Tables 3 and 2 with their readings); EmptyDataError when it has no rows."""
+    frame = report.read_measurements(path)
+    if not len(frame):
+        raise pd.errors.EmptyDataError("no rows")
+    return frame, tables(frame)
+
+
 def benchmark_section(folder: Path, reports_dir: Path, warnings: list) -> tuple[str, str]:
     """(provenance line, Tables 3 and 2 with their readings, the breakdown and the plots) from measurements.csv."""
     path = folder / MEASUREMENTS
     shown = md.shown_path(path)
-    if not path.exists():
-        warnings.append(f"{shown} does not exist: run `{BENCH_COMMAND}`")
-        return "fine-tuning benchmark: none yet", md.missing(
-            "Tables 2 and 3", f"`{shown}` does not exist", BENCH_COMMAND
-        )
-    try:
-        frame = report.read_measurements(path)
-        out = tables(frame) if len(frame) else []
-        problem = None if len(frame) else f"`{shown}` has no rows"
-    except (KeyError, AttributeError) as e:  # not what benchmark_finetuning.py writes
-        problem = f"`{shown}` lacks the column '{e.args[0] if isinstance(e, KeyError) else e.name}'"
-    except pd.errors.EmptyDataError:
-        problem = f"`{shown}` is empty"
-    if problem:
-        warnings.append(problem)
-        return f"fine-tuning benchmark `{shown}` (unreadable)", md.missing("Tables 2 and 3", problem, BENCH_COMMAND)
+    read, failed = md.read_results(
+        path, read_measurements, "Tables 2 and 3", "fine-tuning benchmark", BENCH_COMMAND, warnings
+    )
+    if failed:
+        return failed
+    frame, out = read
     plots = [(folder / name, caption) for name, caption in report.PLOTS.items() if (folder / name).exists()]
     if plots:
         out += ["### Plots", ""] + [f"![{caption}]({md.relative(p, reports_dir)})\n" for p, caption in plots]
