@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 from conftest import randomize_, tiny_args, tiny_model
 from transformers import AutoModelForCausalLM
 
-from llama.checkpoint import DEFAULT_CKPT_DIR, load_checkpoint, save_meta
+from llama.checkpoint import DEFAULT_CKPT_DIR, atomic_write, load_checkpoint, save_meta
 from llama.errors import UserError
 from llama.model import RopeScaling, Transformer
 
@@ -256,3 +258,20 @@ def test_read_gguf_matches_gguf_reader(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 20)
     with pytest.raises(UserError, match="cannot read GGUF"):
         load_checkpoint(tmp_path / "bad.gguf", torch.float32, "cpu")
+
+
+def test_atomic_write_replaces_whole_files_with_the_usual_mode(tmp_path):
+    path = tmp_path / "out.json"
+    atomic_write(path, "first")
+    atomic_write(path, b"second")
+    atomic_write(path, lambda f: f.write(b"third"))
+    assert path.read_text() == "third" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    umask = os.umask(0o022)
+    try:
+        atomic_write(path, "x")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0600
+    finally:
+        os.umask(umask)
+    with pytest.raises(ZeroDivisionError):  # a failed write leaves the old file and no temporary behind
+        atomic_write(path, lambda f: 1 / 0)
+    assert path.read_text() == "x" and len(list(tmp_path.iterdir())) == 1
