@@ -13,8 +13,8 @@ Kernels: on CPU, PyTorch's packed weight-only kernels (`torch._weight_int8pack_m
 which stores the zero point as m + 8 s, i.e. w ~ s (q - 8) + z). Their fp32 paths are reference loops (over 10x
 slower than the fp32 model itself on an AVX-512 CPU, measured), so an fp32 model's activations enter them in bf16
 and leave in fp32 again ("bf16 activations" in the description). That suits decoding (a few rows: reading the
-weights is the cost); for an int8 layer fed more than PACKED_MAX_ROWS rows of fp32 activations (a prefill) the
-weight is dequantized and the fp32 matmul runs instead, because there the cost is arithmetic, and on CPUs without
+weights is the cost); for a layer fed more than PACKED_MAX_ROWS rows of fp32 activations (a prefill) the weight
+is dequantized and the fp32 matmul runs instead, because there the cost is arithmetic, and on CPUs without
 bf16 instructions bf16 arithmetic is emulated and slower than fp32. Elsewhere (CUDA, MPS) a plain fallback
 dequantizes the weight and calls F.linear: correct everywhere, but without the speed. `kernel_for` says which.
 
@@ -34,7 +34,7 @@ from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES
 
 MODES = ("none", "int8", "int4")
-PACKED_MAX_ROWS = 32  # int8, fp32 activations: above this many rows, dequantize and use the fp32 matmul
+PACKED_MAX_ROWS = 32  # fp32 activations: above this many rows (a prefill), dequantize and use the fp32 matmul
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -117,38 +117,52 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The levels (N, K) uint8 from `_convert_weight_to_int4pack_for_cpu`'s (N, K/2) bytes: blocks of 64 rows,
+    each stored column by column, byte j of a column holding rows j (low nibble) and j + 32 (high nibble).
+    That layout is PyTorch's internal one: Int4Linear checks it on every layer it packs."""
+    b = packed.reshape(n // 64, k, 32)
+    return torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
+
+
 class Int4Linear(nn.Module):
     """y = x W^T with W stored as 4-bit levels and a scale and minimum per group of input columns."""
 
     def __init__(self, linear: nn.Linear, group_size: int, kernel: str):
         super().__init__()
         w = linear.weight.detach()
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
-        self.group_size, self.kernel = group_size, kernel
+        N, K = w.shape
+        self.in_features, self.out_features, self.group_size = K, N, group_size
         q, s, m = quantize_int4(w, group_size)
-        if kernel == "packed":
-            # The kernel's layout: (K/G, N, 2) [scale, zero] with w ~ scale * (q - 8) + zero.
-            zeros = m + 8 * s
-            self.register_buffer("q", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int().cpu(), 1))
-            scales_zeros = torch.stack([s.T, zeros.T], dim=-1).to(kernel_dtype(w.dtype)).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1) if kernel == "packed" else None
+        # The packed bytes must also serve prefill's dequantized path: keep them only where the layout is known.
+        if packed is not None and N % 64 == 0 and torch.equal(unpack_int4(packed, N, K), q):
+            self.kernel = "packed"
+            self.register_buffer("q", packed)
+            # The kernel's (K/G, N, 2) [scale, zero] with w ~ scale * (q - 8) + zero.
+            scales_zeros = torch.stack([s.T, (m + 8 * s).T], dim=-1).to(kernel_dtype(w.dtype)).contiguous()
             self.register_buffer("scales_zeros", scales_zeros)
         else:
+            self.kernel = "dequantize"
             self.register_buffer("q", q.to(w.device))
-            self.register_buffer("scales", s.to(device=w.device, dtype=w.dtype))
-            self.register_buffer("mins", m.to(device=w.device, dtype=w.dtype))
+            scales_zeros = torch.stack([s.T, (m + 8 * s).T], dim=-1).to(device=w.device, dtype=w.dtype)
+            self.register_buffer("scales_zeros", scales_zeros)
 
-    def dequantize(self) -> torch.Tensor:
-        """(N, K) in the scales' dtype (the fallback's weights; the packed layout is the kernel's own)."""
-        G = self.group_size
-        s, m = self.scales.repeat_interleave(G, dim=1), self.mins.repeat_interleave(G, dim=1)
-        return self.q.to(s.dtype) * s + m
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, K) in dtype: scale * (q - 8) + zero per group, from either layout."""
+        N, K, G = self.out_features, self.in_features, self.group_size
+        q = unpack_int4(self.q, N, K) if self.kernel == "packed" else self.q
+        sz = self.scales_zeros.to(dtype).transpose(0, 1).repeat_interleave(G, dim=1)  # (N, K, 2)
+        return (q.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N)."""
-        if self.kernel == "dequantize":
-            return F.linear(x, self.dequantize().to(x.dtype))
-        x2 = x.reshape(-1, self.in_features).to(self.scales_zeros.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.q, self.group_size, self.scales_zeros)
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "dequantize" or (x.dtype == torch.float32 and x2.shape[0] > PACKED_MAX_ROWS):
+            return F.linear(x, self.dequantize(x.dtype))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.to(self.scales_zeros.dtype), self.q, self.group_size, self.scales_zeros
+        )
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

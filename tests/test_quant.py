@@ -17,6 +17,7 @@ from project.quant import (
     quantize,
     quantize_int4,
     quantize_int8,
+    unpack_int4,
 )
 
 CPU = torch.device("cpu")
@@ -74,7 +75,7 @@ def test_quantized_linear_output_error_is_bounded(mode):
     if mode == "int8":
         step = q.scales[None, :].expand(64, -1)  # (K, N)
     else:
-        step = q.scales.repeat_interleave(32, dim=1).T  # (K, N)
+        step = q.scales_zeros[..., 0].repeat_interleave(32, dim=0)  # (K/G, N) scales -> (K, N)
     bound = x.abs() @ (step / 2)
     assert ((y - ref).abs() <= bound + 1e-5).all()
     assert (y - ref).abs().max() > 0  # quantization did change something: the test is not vacuous
@@ -94,12 +95,33 @@ def test_packed_int8_kernel_matches_the_fallback(dtype):
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-def test_int8_prefill_of_fp32_activations_uses_the_fp32_matmul():
-    """Above PACKED_MAX_ROWS rows of fp32 activations the layer computes x @ dequantized W^T in fp32 exactly."""
-    layer = Int8Linear(linear(), kernel_for(CPU, "int8"))
+def test_int4_packed_layout_unpacks_to_the_levels():
+    """The packed CPU layout, read back by unpack_int4, gives every level where it was (checked on known values)."""
+    if kernel_for(CPU, "int4") != "packed":
+        pytest.skip("no packed int4 kernel in this PyTorch")
+    q = torch.randint(0, 16, (128, 96), dtype=torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    assert torch.equal(unpack_int4(packed, 128, 96), q)
+    layer = Int4Linear(linear(n_out=128, n_in=96), 32, "packed")
+    assert layer.kernel == "packed" and layer.q.shape == (128, 48)  # half a byte per weight, no second copy
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_prefill_of_fp32_activations_uses_the_fp32_matmul(mode):
+    """Above PACKED_MAX_ROWS rows of fp32 activations a packed layer computes x @ dequantized W^T in fp32, and
+    agrees with the packed kernel's own result on fewer rows."""
+    base = linear(n_out=128, n_in=64)
+    layer = Int8Linear(base, kernel_for(CPU, mode)) if mode == "int8" else Int4Linear(base, 32, kernel_for(CPU, mode))
     x = torch.randn(PACKED_MAX_ROWS + 1, 64)
-    weight = layer.q.float() * layer.scales.float()[:, None]
-    torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-6, atol=1e-6)
+    if mode == "int8":
+        weight = layer.q.float() * layer.scales.float()[:, None]
+    else:  # scale * (level - 8) + zero, group by group, from the stored levels and (K/G, N, 2) scales and zeros
+        levels = unpack_int4(layer.q, 128, 64) if layer.kernel == "packed" else layer.q
+        sz = layer.scales_zeros.float().repeat_interleave(32, dim=0)  # (K, N, 2)
+        weight = ((levels.float().T - 8) * sz[..., 0] + sz[..., 1]).T
+    torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-5, atol=1e-5)
+    few = layer(x[:4])
+    torch.testing.assert_close(few, x[:4] @ weight.T, rtol=2e-2, atol=2e-2 * few.abs().max().item())
 
 
 @pytest.mark.skipif(kernel_for(CPU, "int4") != "packed", reason="no packed int4 kernel in this PyTorch")
