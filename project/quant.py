@@ -149,11 +149,13 @@ class Int4Linear(nn.Module):
             self.register_buffer("scales_zeros", scales_zeros)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(N, K) in dtype: scale * (q - 8) + zero per group, from either layout."""
+        """(N, K) in dtype: scale * (q - 8) + zero = q * scale + (zero - 8 scale) group by group, in place on the
+        one full-size temporary (the per-group terms are small), from either layout."""
         N, K, G = self.out_features, self.in_features, self.group_size
         q = unpack_int4(self.q, N, K) if self.kernel == "packed" else self.q
-        sz = self.scales_zeros.to(dtype).transpose(0, 1).repeat_interleave(G, dim=1)  # (N, K, 2)
-        return (q.to(dtype) - 8) * sz[..., 0] + sz[..., 1]
+        sz = self.scales_zeros.to(dtype).transpose(0, 1)  # (N, K/G, 2)
+        scale, offset = sz[..., :1], sz[..., 1:] - 8 * sz[..., :1]
+        return q.reshape(N, K // G, G).to(dtype).mul_(scale).add_(offset).reshape(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N)."""
