@@ -24,7 +24,7 @@ from project.bench.finetune.configs import ALL_ON, VANILLA, select
 from project.bench.finetune.report import write_report
 from project.bench.finetune.sweep import SweepOptions, run_sweep
 from project.bench.harness import git_commit
-from project.cli import run
+from project.cli import name_list, run
 from project.model.lora import LoRAConfig
 
 CSV_NAME = "measurements.csv"
@@ -81,7 +81,6 @@ def main(
         return
     if compare not in (None, "hf"):
         raise UserError(f"--compare takes only hf, not {compare!r}")
-    names = lambda v: tuple(v.split(",")) if isinstance(v, str) else tuple(v)  # noqa: E731 (fire passes str or tuple)
     chosen = select(configs, grad_accum)
     if min(examples, passes) < 1 or warmup < 0:
         raise UserError("--examples and --passes must be at least 1, --warmup at least 0")
@@ -93,13 +92,13 @@ def main(
         passes=passes,
         warmup=warmup,
         max_seq_len=max_seq_len,
-        lora=LoRAConfig(lora_r, lora_alpha, lora_dropout, names(lora_targets)),
+        lora=LoRAConfig(lora_r, lora_alpha, lora_dropout, name_list(lora_targets)),
         optimizer=optimizer,
         lr=lr,
         allocator=allocator,
         compare_hf=compare == "hf",
-        simulate_oom=names(simulate_oom),
-        timelines=names(timelines),
+        simulate_oom=name_list(simulate_oom),
+        timelines=name_list(timelines),
         timeout_s=timeout_s,
         emulated_amp=emulated_amp,
         command=shlex.join(["python", *sys.orig_argv[1:]]),

@@ -31,7 +31,7 @@ from project.bench.inference import report, results
 from project.bench.inference.config import grid, int_list
 from project.bench.inference.quality import run_quality
 from project.bench.inference.sweep import hf_weights, run_sweep
-from project.cli import run
+from project.cli import name_list, run
 from project.quant import QuantConfig
 
 LIMITS_TOOL = REPO_ROOT.parent / "shared" / "tools" / "machine_limits.py"
@@ -75,7 +75,7 @@ def main(
     dt = resolve_dtype(dtype, dev)
     threads = int(threads or torch.get_num_threads())
     stacks = ["ours", "hf"] if compare else ["ours"]
-    modes = str(quantize).replace("(", "").replace(")", "").replace("'", "").replace(",", " ").split()
+    modes = name_list(quantize)
     quants = [QuantConfig(m, int(group_size)) for m in modes or ["none"]]
     tf_version = ""
     if compare:

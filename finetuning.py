@@ -23,7 +23,7 @@ from typing import Optional
 from llama.checkpoint import ModelSource
 from llama.runtime import DTYPE_NAMES, resolve_device, resolve_dtype
 from project.allocator import retain_freed_memory
-from project.cli import run
+from project.cli import name_list, run
 from project.finetune import finetune
 from project.model.lora import LoRAConfig
 from project.train import TrainConfig
@@ -67,10 +67,8 @@ def main(
     grad_ckpt: none, all, every-K or sqrt. max_records: use only the first N valid records.
     save_merged: also write the model with the adapter merged in, as a Meta checkpoint, to this folder.
     """
-    if isinstance(lora_targets, str):
-        lora_targets = lora_targets.split(",")
     source = ModelSource(ckpt_dir, shape, seed)
-    lora_cfg = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_targets) if lora else None
+    lora_cfg = LoRAConfig(lora_r, lora_alpha, lora_dropout, name_list(lora_targets)) if lora else None
     dev = resolve_device(device)
     cfg = TrainConfig(
         lr=lr,

@@ -10,6 +10,12 @@ import torch
 from llama.errors import UserError
 
 
+def name_list(value) -> tuple[str, ...]:
+    """A list flag as python-fire hands it over: `--x a,b` arrives as a tuple, `--x a` or `--x "a b"` as a str."""
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+    return tuple(str(v).strip() for v in items if str(v).strip())
+
+
 def run(component):
     """fire.Fire(component), turning UserError (and out-of-memory) into `error: ...` and exit code 2."""
     try:

@@ -24,3 +24,10 @@ def test_bf16_needs_the_instructions_not_only_onednn(monkeypatch):
 def test_fp32_is_always_native_and_explicit_dtypes_are_kept():
     assert runtime.has_native_matmul(CPU, torch.float32)
     assert runtime.resolve_dtype("bf16", CPU) == torch.bfloat16 and runtime.resolve_dtype("fp16", CPU) == torch.float16
+
+
+def test_list_flags_as_fire_passes_them():
+    from project.cli import name_list
+
+    assert name_list(("wq", "wv")) == name_list("wq,wv") == name_list("wq, wv") == name_list("wq wv") == ("wq", "wv")
+    assert name_list("none") == ("none",) and name_list(()) == () and name_list(["a", " ", "b"]) == ("a", "b")

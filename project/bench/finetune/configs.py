@@ -6,6 +6,7 @@ import itertools
 from dataclasses import dataclass
 
 from llama.errors import UserError
+from project.cli import name_list
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,7 @@ def select(names: str | list | tuple | None, grad_accum: int = 8) -> list[BenchC
     sweep = default_sweep(grad_accum)
     if names is None:
         return sweep
-    if isinstance(names, str):
-        names = names.split(",")
-    wanted = [str(n).strip() for n in names if str(n).strip()]
+    wanted = name_list(names)
     by_name = {c.name: c for c in sweep}
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
