@@ -90,8 +90,8 @@ def random_model(shape: str, dtype, device, seed: int = 0) -> tuple[Transformer,
     with torch.device("meta"):
         model = Transformer(SHAPES[shape])
     model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()  # to_empty unties: tie first, so no untied output matrix is ever filled and dropped
     init_weights(model, seed)
-    model.tie_weights()
     model.reset_rope(device)
     return model.eval(), load_llama3_tokenizer()
 

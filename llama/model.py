@@ -240,8 +240,12 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         pad_lens: Optional[torch.Tensor] = None,
         last_only: bool = False,
+        hidden: bool = False,
     ) -> torch.Tensor:
         """tokens (B, T) at positions [start_pos, start_pos+T) -> logits (B, T, V), or (B, 1, V) if last_only.
+
+        hidden: return the final-normed hidden states (B, T, D) instead, for a loss that applies the output
+        projection itself, only where there are labels (project/loss.py).
 
         pad_lens (B,) counts left-padding tokens per row (batched generation of unequal prompts):
         a row's positions start after its padding, and no query attends to a padding key.
@@ -275,7 +279,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, start_pos, mask)
         if last_only:
             h = h[:, -1:, :]
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        return h if hidden else self.output(h)
 
 
 def init_weights(model: Transformer, seed: int = 0, std: float = 0.02):

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -27,6 +26,7 @@ from llama.errors import UserError
 from llama.runtime import DTYPES, log
 
 from .data import IGNORE_INDEX, Dataset, collate
+from .loss import linear_cross_entropy
 from .memory import memory_in_use
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -67,10 +67,15 @@ def label_tokens(labels: torch.Tensor) -> int:
 
 
 def loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy: logits at t (B, T-1, V) predict labels at t+1; -100 labels skipped."""
-    logits = model(input_ids)[:, :-1]
+    """Summed next-token cross-entropy: position t (B, T-1) predicts the label at t+1; -100 labels skipped.
+
+    Only positions with a label go through the output projection (project/loss.py): the prompt's logits
+    are never computed.
+    """
+    h = model(input_ids, hidden=True)[:, :-1]  # (B, T-1, D)
     targets = labels[:, 1:]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    keep = targets != IGNORE_INDEX
+    return linear_cross_entropy(h[keep], model.output.weight, targets[keep])
 
 
 def autocast(device: torch.device, precision: str):

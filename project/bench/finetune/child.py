@@ -9,6 +9,8 @@ warm-up steps. Memory is measured by what holds it:
     parameters, gradients, optimizer state   bytes of those tensors (project.memory, de-duplicated by storage)
     activations                              bytes autograd saves for backward inside the model's forward
     logits / loss buffers                    the logits tensor + what the loss saves after the model returns
+                                             (ours has no logits tensor: project/loss.py computes them a
+                                             chunk at a time and keeps none; what it saves is counted)
 
 Each part is its largest value over the measured micro-batches. The meters are passive
 saved-tensor hooks (one Python call per saved tensor), active in every configuration alike.
@@ -84,7 +86,7 @@ class Stack:
     update: Callable[[], bool]  # optimizer step + zero_grad; True if the GradScaler skipped it
     optimizer: torch.optim.Optimizer
     activation_module: nn.Module  # its forward's saved tensors are "activations"
-    logits_module: nn.Module  # its output is the logits tensor (B, T, V)
+    logits_module: Optional[nn.Module]  # its output is the logits tensor (B, T, V); None: the loss makes none
 
 
 class Meters:
@@ -100,9 +102,12 @@ class Meters:
         self.active = False
         self.marks: Optional[list] = None  # [(time_us, phase)] while drawing a timeline
         self.activations = self.loss_side = self.grads = 0
+        self._logits_storage, self._logits_bytes = None, 0
         stack.activation_module.register_forward_pre_hook(self._enter)
         stack.activation_module.register_forward_hook(self._exit)
-        stack.logits_module.register_forward_hook(self._logits)
+        if stack.logits_module is not None:
+            stack.logits_module.register_forward_hook(self._logits)
+        self.mark_backward_at = stack.logits_module or stack.activation_module
 
     def _enter(self, module, args):
         if self.marks is not None:
@@ -111,14 +116,20 @@ class Meters:
             self._inner = SavedTensorMeter(exclude=self.params).__enter__()
 
     def _exit(self, module, args, out):
+        if module is self.mark_backward_at:
+            self._mark_backward(out)
         if self.active:
             self._inner.__exit__(None, None, None)
             self.activations = max(self.activations, self._inner.bytes)
 
+    def _mark_backward(self, out):
+        """Note when backward reaches this module's output (for the timeline plot)."""
+        if self.marks is not None and torch.is_tensor(out) and out.requires_grad:
+            out.register_hook(lambda g: self.marks.append((time.time_ns() // 1000, "backward")))
+
     def _logits(self, module, args, out):
         logits = out if torch.is_tensor(out) else out.logits
-        if self.marks is not None and logits.requires_grad:
-            logits.register_hook(lambda g: self.marks.append((time.time_ns() // 1000, "backward")))
+        self._mark_backward(logits)
         if self.active:
             self._logits_storage = logits.untyped_storage()
             self._logits_bytes = self._logits_storage.nbytes()
@@ -128,10 +139,10 @@ class Meters:
             return run()
         with SavedTensorMeter(exclude=self.params) as outer:
             loss = run()
-        logits_ptr = self._logits_storage.data_ptr()
-        saved = outer.bytes - (self._logits_bytes if logits_ptr in outer.seen else 0)
+        logits = self._logits_storage
+        saved = outer.bytes - (self._logits_bytes if logits is not None and logits.data_ptr() in outer.seen else 0)
         self.loss_side = max(self.loss_side, self._logits_bytes + saved)
-        del self._logits_storage
+        self._logits_storage = None
         return loss
 
 
@@ -289,7 +300,7 @@ def our_stack(spec: Spec) -> Stack:
     def micro_batch(input_ids, labels, n_labels):
         return micro_batch_backward(model, input_ids, labels, n_labels, scaler, spec.precision)
 
-    return Stack(model, micro_batch, lambda: optimizer_update(optimizer, scaler)[0], optimizer, model, model)
+    return Stack(model, micro_batch, lambda: optimizer_update(optimizer, scaler)[0], optimizer, model, None)
 
 
 def main(build: Callable[[Spec], Stack] = our_stack) -> None:

@@ -336,7 +336,8 @@ def table2_section(frame: pd.DataFrame) -> list[str]:
         f"{THRESHOLD:.0%} of its vanilla value; −: |change| < {THRESHOLD:.0%} (no significant change). "
         "Parameters, gradients and optimizer state are the bytes of those tensors; activations are the bytes "
         "autograd saves for backward inside the model's forward (de-duplicated by storage, parameters excluded); "
-        "logits / loss buffers are the logits tensor plus what the loss saves. Each is its largest value over "
+        "logits / loss buffers are the logits tensor plus what the loss saves (ours computes the logits of the "
+        "label positions only, a chunk at a time, and keeps none: project/loss.py). Each is its largest value over "
         "the measured micro-batches. Gradient accumulation runs micro-batches of the same size, so it changes "
         "none of the parts: what it buys is a larger effective batch at the memory of a batch of 1.",
     ]
@@ -413,7 +414,7 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
             "## Memory timeline of one optimizer step",
             "",
             "Live bytes by category (torch.profiler's memory timeline) through one step of "
-            f"{', '.join(timelines)}; dashed lines: forward starts, backward reaches the logits, optimizer step.",
+            f"{', '.join(timelines)}; dashed lines: forward starts, backward reaches the model's output, optimizer step.",
             "",
             "![memory timeline](timeline.png)",
             "",
