@@ -414,7 +414,8 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
             "## Memory timeline of one optimizer step",
             "",
             "Live bytes by category (torch.profiler's memory timeline) through one step of "
-            f"{', '.join(timelines)}; dashed lines: forward starts, backward reaches the model's output, optimizer step.",
+            f"{', '.join(timelines)}; dashed lines: forward starts, backward reaches the model's output, "
+            "optimizer step.",
             "",
             "![memory timeline](timeline.png)",
             "",
