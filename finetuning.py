@@ -4,6 +4,7 @@
     python finetuning.py --max_steps 2                    # a quick look (time per step, memory)
     python finetuning.py --optimizer adamw --lr 1e-4 --epochs 3 --out reports/finetune-adamw
     python finetuning.py --lora False --grad_ckpt all --precision bf16   # full fine-tuning
+    python finetuning.py --base int4                      # LoRA on a 4-bit frozen base (QLoRA-style)
     python finetuning.py --resume                         # continue an interrupted run from its checkpoint
 
 Writes under --out: summary.json (settings and results as data) and summary.md, train_log.jsonl (one line per
@@ -21,10 +22,12 @@ from pathlib import Path
 from typing import Optional
 
 from llama.checkpoint import ModelSource
+from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES, resolve_device, resolve_dtype
 from project.allocator import retain_freed_memory
 from project.cli import name_list, run
 from project.finetune import finetune
+from project.frozen_base import QUANTIZED, resolve_base
 from project.model.lora import LoRAConfig
 from project.train import TrainConfig
 
@@ -40,6 +43,7 @@ def main(
     lora_targets: Sequence[str] = LoRAConfig.targets,
     grad_ckpt: str = "none",
     precision: str = "auto",
+    base: str = "auto",
     batch_size: int = 1,
     grad_accum: int = 8,
     lr: float = 1e-5,
@@ -63,7 +67,9 @@ def main(
     """Fine-tune a Llama 3.x model on instruction records; see the module docstring and README for every flag.
 
     precision: auto (bf16 where the device computes it natively, fp16 on older CUDA and MPS, else fp32), fp32,
-    bf16 or fp16; it is the autocast dtype: master weights (and LoRA weights) stay fp32.
+    bf16 or fp16; it is the autocast dtype: full fine-tuning keeps fp32 master weights, LoRA weights are fp32.
+    base: what a LoRA run holds its frozen base in: auto (the autocast dtype, fp32 without mixed precision),
+    fp32, bf16, fp16, or int8 / int4 (quantized, QLoRA-style); see project/frozen_base.py.
     grad_ckpt: none, all, every-K or sqrt. max_records: use only the first N valid records.
     save_merged: also write the model with the adapter merged in, as a Meta checkpoint, to this folder.
     """
@@ -83,6 +89,9 @@ def main(
         seed=seed,
         save_every=save_every,
     )
+    held = resolve_base(base, cfg.precision, lora_cfg is not None)
+    if save_merged and held in QUANTIZED:
+        raise UserError(f"--save_merged needs a full-precision base to merge into, not --base {held}")
     finetune(
         source,
         lora_cfg,
@@ -95,6 +104,7 @@ def main(
         max_records=max_records,
         on_bad_record=on_bad_record,
         grad_ckpt=grad_ckpt,
+        base=held,
         save_merged=save_merged,
         resume=resume,
         sample_max_gen_len=sample_max_gen_len,

@@ -16,6 +16,7 @@ re-executes the current command once with them set.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 
@@ -51,3 +52,18 @@ def allocator_settings() -> str:
     if not chosen:
         return "default allocator settings"
     return " ".join(f"{k}={v}" for k, v in sorted(chosen.items()))
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS once (glibc's malloc_trim), e.g. after loading a model.
+
+    The settings above keep freed memory resident for reuse; what a model load or quantization frees (an fp32
+    copy of weights now held in 16 or 4 bits) is not reused by training, and would stay in the process's
+    resident memory for good.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing is retained beyond the allocator's own policy

@@ -1,6 +1,8 @@
 """One fine-tuning job, as `finetuning.py` runs it: data, model, LoRA, checkpointing, training, samples, outputs.
 
-Master weights are fp32 whatever the precision: `TrainConfig.precision` is only the autocast dtype. The job's
+Full fine-tuning keeps fp32 master weights whatever the precision (`TrainConfig.precision` is the autocast
+dtype); a LoRA run holds its frozen base as project/frozen_base.py chooses (the autocast dtype under mixed
+precision, or int8 / int4 on request) and its adapters in fp32. The job's
 record is data, `summary.json`; summary.md, samples.md and loss.png are rendered from it
 (project/reports/finetune_run.py), and the phase 3 report reads the same files.
 """
@@ -21,7 +23,8 @@ from project.allocator import allocator_settings
 from project.bench.harness import cpu_steal, cpu_ticks, device_name, environment
 from project.checkpointing import apply_checkpointing
 from project.data import build_dataset, find_dataset, format_prompt, load_records, validate_records
-from project.model.lora import LoRAConfig, apply_lora, count_parameters, describe_trainable, merge_lora, save_adapter
+from project.frozen_base import load_dtype, prepare
+from project.model.lora import LoRAConfig, count_parameters, describe_trainable, merge_lora, save_adapter
 from project.reports.finetune_run import write_run_report
 from project.train import TrainConfig, read_log, train
 
@@ -46,12 +49,16 @@ def finetune(
     max_records: Optional[int] = None,
     on_bad_record: str = "skip",
     grad_ckpt: str = "none",
+    base: str = "fp32",
     save_merged: Optional[str] = None,
     resume: bool = False,
     sample_max_gen_len: int = 64,
     command: str = "",
 ) -> dict:
-    """Fine-tune source's model (LoRA adapters, or every weight when lora is None); returns the summary."""
+    """Fine-tune source's model (LoRA adapters, or every weight when lora is None); returns the summary.
+
+    base: what the weights are held in, as project.frozen_base.resolve_base returned it.
+    """
     # Data first: a bad data file should fail before the model loads.
     data_path = find_dataset(data)
     records = validate_records(load_records(data_path), on_bad_record)
@@ -59,8 +66,8 @@ def finetune(
         records = records[:max_records]
 
     start = time.perf_counter()
-    model, tokenizer = source.load(torch.float32, device)
-    log(f"loaded {source.name} in {time.perf_counter() - start:.1f}s; {describe(device, torch.float32)}")
+    model, tokenizer = source.load(load_dtype(base), device)
+    log(f"loaded {source.name} in {time.perf_counter() - start:.1f}s; {describe(device, load_dtype(base))}")
     dataset = build_dataset(records, tokenizer, max_seq_len)
     log(
         f"{data_path}: {len(dataset)} examples, {dataset.n_truncated} truncated to {max_seq_len} tokens, "
@@ -68,10 +75,8 @@ def finetune(
     )
 
     torch.manual_seed(cfg.seed)
-    if lora:
-        apply_lora(model, lora)
-    else:
-        model.requires_grad_(True)
+    held = prepare(model, lora, base)
+    log(held)
     log(describe_trainable(model))
     trainable, total = count_parameters(model)
     blocks = apply_checkpointing(model, grad_ckpt)
@@ -107,6 +112,8 @@ def finetune(
             "max_seq_len": max_seq_len,
         },
         "lora": asdict(lora) if lora else None,
+        "base": base,
+        "weights": held,
         "trainable_params": trainable,
         "total_params": total,
         "grad_ckpt": {"policy": grad_ckpt, "blocks": len(blocks), "of": len(model.layers)},
@@ -126,7 +133,7 @@ def finetune(
 
 
 def generate(model, tokenizer, device, prompt_ids: list[list[int]], max_gen_len: int) -> list[str]:
-    """Greedy completions, fp32, one prompt at a time (no padding involved)."""
+    """Greedy completions in the weights' dtype, one prompt at a time (no padding involved)."""
     model.eval()
     llama = Llama(model, tokenizer, device)
     return [tokenizer.decode(llama.generate([ids], max_gen_len).tokens[0]) for ids in prompt_ids]

@@ -92,6 +92,25 @@ def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
+class QuantizedMatmul(torch.autograd.Function):
+    """x -> layer(x) for a quantized layer, differentiable in x (the weights are frozen): dx = dy W_hat.
+
+    Autograd through `F.linear(x, layer.dequantize())` would keep every layer's dequantized weight alive
+    until backward, i.e. a full-precision copy of the model; here backward dequantizes the layer again.
+    This is what trains LoRA adapters on a quantized base (QLoRA-style, project/frozen_base.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        return grad_y @ ctx.layer.dequantize(grad_y.dtype), None
+
+
 class Int8Linear(nn.Module):
     """y = x W^T with W stored as int8 and one scale per output channel."""
 
@@ -110,6 +129,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N)."""
+        if x.requires_grad and torch.is_grad_enabled():
+            return QuantizedMatmul.apply(x, self)
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "dequantize" or (x.dtype == torch.float32 and x2.shape[0] > PACKED_MAX_ROWS):
             return F.linear(x, self.dequantize(x.dtype))
@@ -159,6 +180,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N)."""
+        if x.requires_grad and torch.is_grad_enabled():
+            return QuantizedMatmul.apply(x, self)
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "dequantize" or (x.dtype == torch.float32 and x2.shape[0] > PACKED_MAX_ROWS):
             return F.linear(x, self.dequantize(x.dtype))

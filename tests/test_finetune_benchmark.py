@@ -44,7 +44,8 @@ REQUIRED = [
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """vanilla, ckpt (made to run out of memory) and lora, each in its own process, on a tiny checkpoint."""
+    """vanilla, ckpt (made to run out of memory), lora and lora on an int4 base, each in its own process, on a
+    tiny checkpoint."""
     tmp = tmp_path_factory.mktemp("bench")
     ckpt, data, out = write_tiny_checkpoint(tmp / "ckpt"), write_records(tmp / "records.json"), tmp / "out"
     proc = run_script(
@@ -54,7 +55,7 @@ def bench(tmp_path_factory):
         "--data",
         data,
         "--configs",
-        "vanilla,ckpt,lora",
+        "vanilla,ckpt,lora,lora+int4",
         "--examples",
         2,
         "--simulate_oom",
@@ -75,8 +76,9 @@ def bench(tmp_path_factory):
 
 def test_csv_rows_columns_and_numbers(bench):
     frame, _, _ = bench
-    assert list(frame.config) == ["vanilla", "ckpt", "lora"]  # the sweep went on after the OOM
-    assert list(frame.status) == ["ok", "OOM", "ok"]
+    assert list(frame.config) == ["vanilla", "ckpt", "lora", "lora+int4"]  # the sweep went on after the OOM
+    assert list(frame.status) == ["ok", "OOM", "ok", "ok"]
+    assert list(frame.base) == ["fp32", "fp32", "fp32", "int4"]
     assert not [c for c in REQUIRED if c not in frame.columns]
     ok = frame[frame.status == "ok"]
     for col in REQUIRED[11:]:
@@ -96,11 +98,16 @@ def test_breakdown_parts_match_hand_counts_and_fit_in_the_peak(bench):
     )
     kv = a.n_kv_heads * a.head_dim
     lora_params = a.n_layers * 16 * ((a.dim + a.dim) + (a.dim + kv))  # r 16 on wq (dim->dim) and wv (dim->kv)
+    rope = 4 * a.head_dim // 2  # the inv_freq buffer
     vanilla = frame.set_index("config").loc["vanilla"]
     lora = frame.set_index("config").loc["lora"]
-    assert vanilla.param_bytes == vanilla.grad_bytes == 4 * n_params  # fp32, everything trainable
-    assert lora.param_bytes == 4 * (n_params + lora_params)
-    assert lora.grad_bytes == 4 * lora_params  # only A and B get gradients
+    int4 = frame.set_index("config").loc["lora+int4"]
+    assert vanilla.param_bytes - rope == vanilla.grad_bytes == 4 * n_params  # fp32, everything trainable
+    assert lora.param_bytes - rope == 4 * (n_params + lora_params)
+    assert lora.grad_bytes == int4.grad_bytes == 4 * lora_params  # only A and B get gradients
+    # int4 base: the block linears (fp32 in `lora`) take at most 1 byte per weight (+ scales) instead of 4.
+    block_linears = a.n_layers * (a.dim * a.dim * 2 + 2 * a.dim * kv + 3 * a.dim * a.hidden_dim)
+    assert lora.param_bytes - int4.param_bytes >= 4 * block_linears * 0.6
     assert vanilla.optim_bytes == lora.optim_bytes == 0  # SGD without momentum keeps no state
     for row in (vanilla, lora):
         parts = row.param_bytes + row.grad_bytes + row.optim_bytes + row.activation_bytes + row.logits_loss_bytes
@@ -139,6 +146,8 @@ def test_table2_arrows_match_the_numbers_beside_them(bench):
         expected = "−" if abs(change) < THRESHOLD else ("↑" if change > 0 else "↓")
         assert sign == expected, (label, cells[label])
     assert cells["Gradients"].startswith("↓") and cells["Parameters"].startswith("↑")
+    int4_line = next(line for line in table if line.startswith("| int4 frozen base (lora+int4 against lora)"))
+    assert int4_line.split("|")[2].strip().startswith("↓")  # parameters shrink
 
 
 def test_tables_and_plots_written(bench):
@@ -169,6 +178,9 @@ def test_configuration_names():
         "ckpt+amp+lora",
         "accum8",
         "ckpt+amp+lora+accum8",
+        "lora+int8",
+        "lora+int4",
+        "ckpt+amp+lora+int4",
     ]
     with pytest.raises(UserError, match="unknown configuration"):
         select("vanilla,fast")
@@ -210,8 +222,10 @@ def test_compare_hf_runs_both_stacks(tmp_path):
     ]
     hf = frame[frame["stack"] == "hf"].set_index("config")
     ours = frame[frame["stack"] == "ours"].set_index("config")
-    # Same weights: the same parameter bytes (full) and the same adapter gradient bytes (LoRA on q, v).
-    assert hf.loc["vanilla"].param_bytes == ours.loc["vanilla"].param_bytes
+    # Same weights: the same gradient bytes (full: every parameter; LoRA on q, v: the adapters), and the same
+    # weight bytes but for the rotary buffers (HF keeps a second copy of inv_freq).
+    assert hf.loc["vanilla"].grad_bytes == ours.loc["vanilla"].grad_bytes
+    assert hf.loc["vanilla"].param_bytes == pytest.approx(ours.loc["vanilla"].param_bytes, abs=64)
     assert hf.loc["ckpt+amp+lora"].grad_bytes == ours.loc["ckpt+amp+lora"].grad_bytes
     assert "Peak ours/HF" in (tmp_path / "out" / "README.md").read_text()
 

@@ -6,7 +6,8 @@ The step is project/train.py's own (`micro_batch_backward` per micro-batch, `opt
 on a model set up as finetuning.py sets it up. Timing starts after the weights are loaded and after the
 warm-up steps. Memory is measured by what holds it:
 
-    parameters, gradients, optimizer state   bytes of those tensors (project.memory, de-duplicated by storage)
+    parameters, gradients, optimizer state   bytes of those tensors (project.memory, de-duplicated by storage;
+                                             parameters include buffers: a quantized base's weights are buffers)
     activations                              bytes autograd saves for backward inside the model's forward
     logits / loss buffers                    the logits tensor + what the loss saves after the model returns
                                              (ours has no logits tensor: project/loss.py computes them a
@@ -34,7 +35,7 @@ from torch import nn
 
 from llama.checkpoint import ModelSource
 from llama.runtime import synchronize
-from project.allocator import allocator_settings
+from project.allocator import allocator_settings, release_free_memory
 from project.bench.harness import child_main
 from project.memory import (
     PeakMemory,
@@ -42,8 +43,8 @@ from project.memory import (
     gradient_bytes,
     memory_timeline,
     optimizer_state_bytes,
-    parameter_bytes,
     rss_bytes,
+    weight_bytes,
 )
 from project.model.lora import LoRAConfig
 
@@ -56,6 +57,7 @@ class Spec:
     grad_ckpt: bool  # every block checkpointed, or none
     precision: str  # autocast dtype: fp32 (mixed precision off), bf16, or fp16 (with GradScaler)
     lora: Optional[LoRAConfig]  # None: full fine-tuning
+    base: str  # what the weights are held in (project/frozen_base.py, resolved): fp32, bf16, fp16, int8, int4
     grad_accum: int
     device: str
     examples: str  # JSON file: [{"input_ids": [...], "labels": [...]}], the fixed set, in order
@@ -250,7 +252,7 @@ def measure(stack: Stack, spec: Spec, examples: list[dict]) -> dict:
         "idle_allocated_bytes": idle_allocated,
         "peak_bytes": peak.peak,
         "peak_above_idle_bytes": peak.peak - (idle_allocated if device.type == "cuda" else idle_rss),
-        "param_bytes": parameter_bytes(stack.model),
+        "param_bytes": weight_bytes(stack.model),  # parameters and buffers: a quantized base's weights are buffers
         "grad_bytes": meters.grads,
         "optim_bytes": optimizer_state_bytes(stack.optimizer),
         "activation_bytes": meters.activations,
@@ -281,16 +283,13 @@ def write_timeline(stack: Stack, meters: Meters, window, device, path: str):
 def our_stack(spec: Spec) -> Stack:
     """The model, LoRA, checkpointing, optimizer and GradScaler exactly as finetuning.py sets them up."""
     from project.checkpointing import apply_checkpointing
-    from project.model.lora import apply_lora
+    from project.frozen_base import load_dtype, prepare
     from project.train import TrainConfig, make_optimizer, make_scaler, micro_batch_backward, optimizer_update
 
     device = torch.device(spec.device)
-    model, _ = spec.source.load(torch.float32, device)
+    model, _ = spec.source.load(load_dtype(spec.base), device)
     torch.manual_seed(spec.source.seed)
-    if spec.lora:
-        apply_lora(model, spec.lora)
-    else:
-        model.requires_grad_(True)
+    prepare(model, spec.lora, spec.base)
     apply_checkpointing(model, "all" if spec.grad_ckpt else "none")
     model.train()
     cfg = TrainConfig(lr=spec.lr, optimizer=spec.optimizer, grad_accum=spec.grad_accum, precision=spec.precision)
@@ -313,6 +312,7 @@ def main(build: Callable[[Spec], Stack] = our_stack) -> None:
             examples = json.loads(Path(spec.examples).read_text())
             t0 = time.perf_counter()
             stack = build(spec)
+            release_free_memory()  # what either stack's loading freed, so that neither carries it into the peak
             synchronize(torch.device(spec.device))
             result["load_s"] = time.perf_counter() - t0
             result.update(measure(stack, spec, examples))

@@ -31,6 +31,13 @@ TECHNIQUES = [  # (Table 2 row, the configuration that turns on only this techni
     ("Mixed precision", "amp"),
     ("LoRA", "lora"),
 ]
+# What a held-in-lower-precision frozen base changes, against the same configuration with an fp32 base:
+# (Table 2 row, the configuration, the one it is compared with).
+BASE_CHANGES = [
+    ("Mixed precision with LoRA: autocast + frozen base held in the autocast dtype", "amp+lora", "lora"),
+    ("int8 frozen base", "lora+int8", "lora"),
+    ("int4 frozen base", "lora+int4", "lora"),
+]
 MARK = {True: "✓", False: "×"}
 PLOTS = {  # file -> caption; timeline.png only when timelines were recorded
     "peak_and_time.png": "peak memory and time",
@@ -81,7 +88,7 @@ def techniques_on(row) -> frozenset[str]:
 def technique_config(frame: pd.DataFrame, key: str) -> pd.Series | None:
     """Our stack's first configuration with only technique `key` on, or None."""
     ours = frame[frame["stack"] == "ours"]
-    match = [r for _, r in ours.iterrows() if techniques_on(r) == {key}]
+    match = [r for _, r in ours.iterrows() if techniques_on(r) == {key} and r.get("base") not in ("int8", "int4")]
     return match[0] if match else None
 
 
@@ -98,12 +105,19 @@ def table2(frame: pd.DataFrame) -> list[str]:
         row = technique_config(frame, key)
         if row is None:
             continue
-        if row.status != "ok":
-            lines.append(f"| {label} ({row.config}) | " + " | ".join([row.status] * (len(PARTS) + 1)) + " |")
-            continue
-        cells = [arrow_cell(base[col], row[col]) for col, _ in PARTS] + [arrow_cell(base.peak_bytes, row.peak_bytes)]
-        lines.append(f"| {label} ({row.config}) | " + " | ".join(cells) + " |")
+        lines.append(_table2_row(f"{label} ({row.config})", base, row))
+    by_name = {r.config: r for _, r in ours.iterrows()}
+    for label, name, against in BASE_CHANGES:
+        if name in by_name and against in by_name and by_name[against].status == "ok":
+            lines.append(_table2_row(f"{label} ({name} against {against})", by_name[against], by_name[name]))
     return lines
+
+
+def _table2_row(label: str, base: pd.Series, row: pd.Series) -> str:
+    if row.status != "ok":
+        return f"| {label} | " + " | ".join([row.status] * (len(PARTS) + 1)) + " |"
+    cells = [arrow_cell(base[col], row[col]) for col, _ in PARTS] + [arrow_cell(base.peak_bytes, row.peak_bytes)]
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def _time_cell(row, prefix: str) -> str:
@@ -120,12 +134,19 @@ def _peak_cell(row) -> str:
     return fmt_bytes(row.peak_rss_bytes)
 
 
+def held_in(row) -> str:
+    """What the configuration holds its weights in: fp32 master weights, or LoRA's frozen base dtype."""
+    base = row.get("base", "fp32")
+    base = "fp32" if not isinstance(base, str) else base
+    return f"base {base}, adapters fp32" if row.lora else "fp32 (master)"
+
+
 def table3(frame: pd.DataFrame) -> list[str]:
     """One row per configuration: the techniques on (✓) or off (×), peak memory and time; hf beside ours."""
     cuda = frame.device.astype(str).str.startswith("cuda").any()
     peak_name = "Peak allocated / reserved" if cuda else "Peak RSS"
     hf = frame[frame["stack"] == "hf"]
-    cols = ["Gradient checkpointing", "Mixed precision", "LoRA", "Gradient accumulation", peak_name]
+    cols = ["Gradient checkpointing", "Mixed precision", "LoRA", "Gradient accumulation", "Weights held in", peak_name]
     cols += [] if cuda else ["Above idle"]
     cols += ["Time / optimizer step (s)", "Time / micro-batch (s)", "Tokens/s"]
     if len(hf):
@@ -139,6 +160,7 @@ def table3(frame: pd.DataFrame) -> list[str]:
             f"{MARK[bool(r.amp)]} {r.precision if r.amp else ''}".strip(),
             MARK[bool(r.lora)],
             f"{MARK[r.grad_accum > 1]} {r.grad_accum}",
+            held_in(r),
             _peak_cell(r),
         ]
         cells += [] if cuda else [fmt_bytes(r.peak_above_idle_bytes) if ok else "×"]
@@ -339,7 +361,9 @@ def table2_section(frame: pd.DataFrame) -> list[str]:
         "logits / loss buffers are the logits tensor plus what the loss saves (ours computes the logits of the "
         "label positions only, a chunk at a time, and keeps none: project/loss.py). Each is its largest value over "
         "the measured micro-batches. Gradient accumulation runs micro-batches of the same size, so it changes "
-        "none of the parts: what it buys is a larger effective batch at the memory of a batch of 1.",
+        "none of the parts: what it buys is a larger effective batch at the memory of a batch of 1. "
+        "The last rows compare a LoRA run whose frozen base is held in fewer bits with the same run on an fp32 "
+        "base: there the parameters shrink.",
     ]
 
 
@@ -381,8 +405,11 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
         f"    {_unique(frame, 'command')}",
         "",
         f"- **device**: {device}",
-        f"- **dtype**: fp32 master weights; mixed precision = {_unique(frame[frame.amp], 'precision')} "
-        "autocast" + (" + GradScaler" if (frame.precision == "fp16").any() else ""),
+        f"- **dtype**: full fine-tuning keeps fp32 master weights; LoRA runs hold the frozen base as the *weights "
+        "held in* column says (project/frozen_base.py) and the adapters, their gradients and optimizer state in "
+        f"fp32; mixed precision = {_unique(frame[frame.amp], 'precision')} autocast"
+        + (" + GradScaler" if (frame.precision == "fp16").any() else "")
+        + "; the loss is fp32 everywhere",
         f"- **versions**: {versions}; commit {_unique(frame, 'commit')}",
         f"- **allocator**: {_unique(frame, 'allocator')}",
         f"- **model**: {_unique(frame, 'model')}; batch size 1; optimizer {_unique(frame, 'optimizer')} "

@@ -25,6 +25,7 @@ from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES, has_native_matmul, log, low_precision_dtype
 from project.allocator import SETTINGS as TUNED_MALLOC
 from project.bench.harness import run_child, status_line
+from project.frozen_base import QUANTIZED, resolve_base
 from project.model.lora import LoRAConfig
 
 from .child import Spec
@@ -134,11 +135,13 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
         for config in configs:
             for stack in stacks:
                 timeline = config.name in opts.timelines and stack == "ours"
+                precision = amp_precision if config.amp else "fp32"
                 spec = Spec(
                     name=config.name,
                     grad_ckpt=config.grad_ckpt,
-                    precision=amp_precision if config.amp else "fp32",
+                    precision=precision,
                     lora=opts.lora if config.lora else None,
+                    base=resolve_base(config.base, precision, config.lora),
                     grad_accum=config.grad_accum,
                     device=str(opts.device),
                     examples=str(examples),
@@ -160,6 +163,12 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
                         "message": f"no native {amp_precision} matmul on this CPU: autocast would run emulated "
                         "kernels (a 1B micro-batch took over 9 minutes on one); --emulated_amp runs it anyway",
                     }
+                elif stack == "hf" and spec.base in QUANTIZED:
+                    result = {
+                        "status": "skipped",
+                        "message": "no quantized-base LoRA on CPU in transformers + peft (bitsandbytes QLoRA is "
+                        "CUDA only)",
+                    }
                 else:
                     result = run_child(
                         CHILD[stack], spec.to_dict(), runs, f"{stack}-{config.name}", env, opts.timeout_s
@@ -172,7 +181,7 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
                     "lora": config.lora,
                     "grad_accum": config.grad_accum,
                     "precision": spec.precision,
-                    "master_weights": "fp32",
+                    "base": spec.base if stack == "ours" else "fp32",
                     "device": str(opts.device),
                     "examples": opts.examples,
                     "passes": opts.passes,
