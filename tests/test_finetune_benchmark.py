@@ -178,6 +178,7 @@ def test_configuration_names():
         "ckpt+amp+lora",
         "accum8",
         "ckpt+amp+lora+accum8",
+        "lora+bf16",
         "lora+int8",
         "lora+int4",
         "ckpt+amp+lora+int4",
@@ -256,3 +257,18 @@ def test_mixed_precision_is_skipped_where_the_cpu_only_emulates_it(tmp_path, mon
     assert "--emulated_amp" in frame.message[0]
     assert not (tmp_path / "runs" / "ours-amp.spec.json").exists()
     assert "skipped (×)" in (out / "README.md").read_text()
+
+
+def test_compute_floor_by_hand():
+    """1B shape, LoRA, 120 tokens in 2 micro-batches, fp32 at 0.1 TFLOP/s: 16 layers x (2 x 2048^2 + 2 x 2048 x 512
+    + 3 x 2048 x 8192) = 973,078,528 matmul weights; x 4 FLOPs (forward + input gradients) x 60 tokens = 0.2335
+    TFLOP, so 2.34 s; measured 3.0 s is 78% of the rate. Full fine-tuning with checkpointing counts 8 FLOPs."""
+    from project.bench.finetune.report import floor_section
+
+    row = dict(stack="ours", status="ok", amp=False, precision="fp32", grad_ckpt=False, lora=True, tokens=120,
+               micro_batches=2, micro_s_mean=3.0, model="llama3.2-1b (random weights, seed 0)")  # fmt: skip
+    frame = pd.DataFrame([dict(row, config="lora"), dict(row, config="ckpt", lora=False, grad_ckpt=True)])
+    lines = floor_section(frame, {"matmul_TFLOP_per_s": {"fp32": 0.1, "bf16": 0.05}})
+    assert "| lora | fp32 | 0.234 | 0.1 | 2.34 | 3.00 | 78% |" in lines
+    assert "| ckpt | fp32 | 0.467 | 0.1 | 4.67 | 3.00 | 156% |" in lines
+    assert "(a compute floor needs" in floor_section(frame.assign(model="my checkpoint"), {"matmul_TFLOP_per_s": {}})[0]

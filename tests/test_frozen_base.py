@@ -1,6 +1,8 @@
 """LoRA on a frozen base held in 16 bits or quantized (project/frozen_base.py): what is held in which dtype, and
 that the adapters train and get the gradients an fp32 base gives them."""
 
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from tiny_finetune import RECORDS, byte_tokenizer, tiny_model
 from llama.errors import UserError
 from llama.runtime import DTYPES
 from project.data import build_dataset, collate
-from project.frozen_base import prepare, resolve_base
+from project.frozen_base import StoredLinear, load_dtype, prepare, resolve_base
 from project.model.lora import LoRAConfig
 from project.quant import Int4Linear, Int8Linear
 from project.train import TrainConfig, autocast, label_tokens, loss_sum, make_optimizer, make_scaler, train_step
@@ -25,18 +27,21 @@ def test_auto_holds_a_lora_base_in_the_autocast_dtype_and_full_fine_tuning_in_fp
     assert resolve_base("INT4", "fp32", lora=True) == "int4"
     with pytest.raises(UserError, match="needs LoRA"):
         resolve_base("int8", "fp32", lora=False)
-    with pytest.raises(UserError, match="--precision bf16"):
-        resolve_base("bf16", "fp32", lora=True)
+    assert resolve_base("bf16", "fp32", lora=True) == "bf16"  # stored in bf16, computed in fp32
+    with pytest.raises(UserError, match="--base bf16 goes with --precision bf16"):
+        resolve_base("bf16", "fp16", lora=True)
     with pytest.raises(UserError, match="must be one of"):
         resolve_base("nf4", "fp32", lora=True)
 
 
-def model_on(base: str, seed: int = 0):
-    """The tiny model with LoRA on wq/wv on the given base; B random (not zero) so that A gets gradients too."""
-    model = tiny_model(seed, tie_word_embeddings=True).to(DTYPES.get(base, torch.float32))
+def model_on(base: str, seed: int = 0, precision: Optional[str] = None):
+    """The tiny model with LoRA on wq/wv on the given base (computed in the base's dtype unless precision says
+    otherwise); B random (not zero) so that A gets gradients too."""
+    precision = precision or (base if base in ("bf16", "fp16") else "fp32")
+    model = tiny_model(seed, tie_word_embeddings=True).to(load_dtype(base, precision))
     model.reset_rope()  # as the loaders do: the rotary frequencies stay fp32
     torch.manual_seed(0)
-    prepare(model, LORA, base)
+    prepare(model, LORA, base, precision)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -76,16 +81,26 @@ def test_a_16_bit_base_holds_no_fp32_weight_and_its_adapters_are_fp32(base):
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("base", ["bf16", "fp16", "int8", "int4"])
+def test_a_16_bit_stored_base_keeps_the_block_linears_in_16_bits_and_the_rest_fp32():
+    model = model_on("bf16", precision="fp32")
+    stored = [m for m in model.modules() if isinstance(m, StoredLinear)]
+    assert len(stored) == 4 * 7 and all(m.weight.dtype == torch.bfloat16 for m in stored)
+    held = bytes_by_dtype(model)
+    assert held[torch.bfloat16] == sum(m.weight.nbytes for m in stored)
+    assert model.tok_embeddings.weight.dtype == model.norm.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("base", ["bf16", "fp16", "bf16-stored", "int8", "int4"])
 def test_adapter_gradients_match_those_on_an_fp32_base(base):
     """Same adapters, same batch: the gradients differ only by the base's rounding. Tolerances (relative
-    error of the whole gradient): 16-bit bases 6% (the residual stream itself is 16-bit there), int8 5%,
+    error of the whole gradient): 16-bit bases 6% (the residual stream itself is 16-bit there), a bf16-stored
+    base under fp32 arithmetic 3%, int8 5%,
     int4 70% (4-bit levels, one scale per 32-wide row of a tiny random model); another fp32 base gives
     gradients over 100% away, so the tolerances tell right from wrong."""
     precision = base if base in ("bf16", "fp16") else "fp32"
     reference = adapter_grads(model_on("fp32"), precision)
-    got = adapter_grads(model_on(base), precision)
-    tolerance = {"bf16": 0.06, "fp16": 0.06, "int8": 0.05, "int4": 0.7}[base]
+    got = adapter_grads(model_on(base.removesuffix("-stored"), precision=precision), precision)
+    tolerance = {"bf16": 0.06, "fp16": 0.06, "bf16-stored": 0.03, "int8": 0.05, "int4": 0.7}[base]
     other = adapter_grads(model_on("fp32", seed=1), precision)
     assert set(got) == set(reference) and len(got) == 4 * 4  # A and B of wq, wv in 4 layers
     for name, g in got.items():
@@ -95,10 +110,10 @@ def test_adapter_gradients_match_those_on_an_fp32_base(base):
         assert (other[name] - reference[name]).norm() / reference[name].norm() > 1.0
 
 
-@pytest.mark.parametrize("base", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("base", ["bf16", "bf16-stored", "int8", "int4"])
 def test_lora_on_a_low_precision_base_lowers_the_loss_on_a_repeated_batch(base):
     precision = "bf16" if base == "bf16" else "fp32"
-    model = model_on(base)
+    model = model_on(base.removesuffix("-stored"), precision=precision)
     model.train()
     cfg = TrainConfig(lr=0.05, optimizer="adamw", precision=precision)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)

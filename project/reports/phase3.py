@@ -53,6 +53,13 @@ def code_section(warnings: list) -> str:
             f"{link('project/train.py', 'make_scaler')}); "
             f"the optimizer step ({link('project/train.py', 'optimizer_update')}); atomic checkpoints and `--resume` "
             f"({link('project/train.py', 'save_training_state')}).",
+            f"- **Loss** ({link('project/loss.py', 'linear_cross_entropy')}): only label positions go through the "
+            "output projection, a chunk at a time, with the softmax gradient computed in the forward when the output "
+            "layer is frozen: no prompt logits and no full-vocabulary fp32 logits kept for backward.",
+            f"- **Frozen base** ({link('project/frozen_base.py', 'resolve_base')}): a LoRA run under mixed "
+            "precision holds its frozen base in the autocast dtype (no fp32 copy, no per-step cast), or quantized "
+            f"to int8 / int4 on request (through {link('project/quant.py', 'QuantizedMatmul')}); adapters, their "
+            "gradients and optimizer state are fp32, and full fine-tuning keeps fp32 master weights.",
             f"- **Gradient checkpointing** ({link('project/checkpointing.py', 'checkpoint_blocks')}): the policy picks "
             f"block indices; {link('project/checkpointing.py', 'apply_checkpointing')} wraps each chosen block's "
             "forward to run under `torch.utils.checkpoint.checkpoint(use_reentrant=False)`; the model "
@@ -255,6 +262,14 @@ def benchmark_section(folder: Path, reports_dir: Path, warnings: list) -> tuple[
     if failed:
         return failed
     frame, out = read
+    limits = folder / "machine_limits.json"
+    if limits.exists():
+        out += [
+            "### Against the machine's compute floor",
+            "",
+            *report.floor_section(frame, json.loads(limits.read_text())),
+            "",
+        ]
     plots = [(folder / name, caption) for name, caption in report.PLOTS.items() if (folder / name).exists()]
     if plots:
         out += ["### Plots", ""] + [f"![{caption}]({md.relative(p, reports_dir)})\n" for p, caption in plots]

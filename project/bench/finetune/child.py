@@ -287,9 +287,9 @@ def our_stack(spec: Spec) -> Stack:
     from project.train import TrainConfig, make_optimizer, make_scaler, micro_batch_backward, optimizer_update
 
     device = torch.device(spec.device)
-    model, _ = spec.source.load(load_dtype(spec.base), device)
+    model, _ = spec.source.load(load_dtype(spec.base, spec.precision), device)
     torch.manual_seed(spec.source.seed)
-    prepare(model, spec.lora, spec.base)
+    prepare(model, spec.lora, spec.base, spec.precision)
     apply_checkpointing(model, "all" if spec.grad_ckpt else "none")
     model.train()
     cfg = TrainConfig(lr=spec.lr, optimizer=spec.optimizer, grad_accum=spec.grad_accum, precision=spec.precision)

@@ -16,7 +16,7 @@ class BenchConfig:
     amp: bool  # mixed precision: autocast in the device's 16-bit dtype (bf16, or fp16 + GradScaler)
     lora: bool  # LoRA on wq, wv (everything else frozen) or full fine-tuning
     grad_accum: int = 1  # micro-batches per optimizer step
-    base: str = "auto"  # the frozen base of a LoRA run (project/frozen_base.py): auto, or int8 / int4
+    base: str = "auto"  # the frozen base of a LoRA run (project/frozen_base.py): auto, or bf16 / int8 / int4
 
     @property
     def name(self) -> str:
@@ -32,7 +32,8 @@ VANILLA = BenchConfig(False, False, False)
 ALL_ON = BenchConfig(True, True, True)  # the three techniques that change one micro-batch
 
 
-QUANTIZED_BASES = [  # LoRA on an int8 / int4 frozen base: fp32 activations, and the leanest combination
+QUANTIZED_BASES = [  # LoRA on a bf16-stored / int8 / int4 frozen base, fp32 arithmetic; the leanest combination
+    BenchConfig(False, False, True, base="bf16"),
     BenchConfig(False, False, True, base="int8"),
     BenchConfig(False, False, True, base="int4"),
     BenchConfig(True, True, True, base="int4"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from llama.checkpoint import atomic_write
+from llama.checkpoint import SHAPES, atomic_write
 
 from .configs import VANILLA
 
@@ -35,6 +35,7 @@ TECHNIQUES = [  # (Table 2 row, the configuration that turns on only this techni
 # (Table 2 row, the configuration, the one it is compared with).
 BASE_CHANGES = [
     ("Mixed precision with LoRA: autocast + frozen base held in the autocast dtype", "amp+lora", "lora"),
+    ("bf16-stored frozen base, fp32 arithmetic", "lora+bf16", "lora"),
     ("int8 frozen base", "lora+int8", "lora"),
     ("int4 frozen base", "lora+int4", "lora"),
 ]
@@ -138,7 +139,10 @@ def held_in(row) -> str:
     """What the configuration holds its weights in: fp32 master weights, or LoRA's frozen base dtype."""
     base = row.get("base", "fp32")
     base = "fp32" if not isinstance(base, str) else base
-    return f"base {base}, adapters fp32" if row.lora else "fp32 (master)"
+    if not row.lora:
+        return "fp32 (master)"
+    stored = " (stored; fp32 arithmetic)" if base in ("bf16", "fp16") and not row.amp else ""
+    return f"base {base}{stored}, adapters fp32"
 
 
 def table3(frame: pd.DataFrame) -> list[str]:
@@ -151,6 +155,9 @@ def table3(frame: pd.DataFrame) -> list[str]:
     cols += ["Time / optimizer step (s)", "Time / micro-batch (s)", "Tokens/s"]
     if len(hf):
         cols += [f"HF {peak_name}", "Peak ours/HF", "HF time / micro-batch (s)", "Time ours/HF"]
+    steal = not cuda and "cpu_steal" in frame and frame.cpu_steal.notna().any()
+    if steal:
+        cols += ["CPU steal" + (" ours / HF" if len(hf) else "")]
     lines = ["| # | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for i, row in enumerate(frame[frame["stack"] == "ours"].itertuples(index=False), 1):
         r = pd.Series(row._asdict())
@@ -178,6 +185,10 @@ def table3(frame: pd.DataFrame) -> list[str]:
                 ]
             else:
                 cells += ["—"] * 4
+        if steal:
+            twin = hf[hf.config == r.config] if len(hf) else hf
+            shares = [r.get("cpu_steal")] + ([twin.iloc[0].get("cpu_steal")] if len(twin) else [])
+            cells.append(" / ".join("—" if pd.isna(v) else f"{100 * v:.0f}%" for v in shares))
         lines.append(f"| {i} {r.config} | " + " | ".join(cells) + " |")
     return lines
 
@@ -344,7 +355,17 @@ def table3_section(frame: pd.DataFrame) -> list[str]:
         ),
         "Each configuration ran in its own fresh process. `OOM (×)`: the configuration ran out of memory; "
         "`timeout (×)`: it did not finish within the command's `--timeout_s` (loading included); "
-        "`skipped (×)`: mixed precision on a CPU that only emulates its matmuls (`--emulated_amp` runs it).",
+        "`skipped (×)`: mixed precision on a CPU that only emulates its matmuls (`--emulated_amp` runs it), or "
+        "a configuration the other stack has no counterpart for (the message in the CSV says which).",
+        *(
+            [
+                "*CPU steal*: the share of CPU time the hypervisor gave other guests while the configuration ran "
+                "(from /proc/stat); timings taken under steal are slower than this machine's own speed, and a ratio "
+                "of two runs under different steal is off by as much."
+            ]
+            if "cpu_steal" in frame and frame.cpu_steal.notna().any() and _cpu(frame)
+            else []
+        ),
         *_native_note(frame),
     ]
 
@@ -379,9 +400,53 @@ def breakdown_section(frame: pd.DataFrame) -> list[str]:
     ]
 
 
+def shape_of(frame: pd.DataFrame) -> str | None:
+    """The random-weight shape the rows measured (e.g. llama3.2-1b), or None for a checkpoint."""
+    models = {str(m) for m in frame["model"].dropna()}
+    names = {m.split(" ")[0] for m in models if "random weights" in m}
+    return names.pop() if len(names) == 1 and len(models) == 1 and next(iter(names)) in SHAPES else None
+
+
+def floor_section(frame: pd.DataFrame, machine: dict) -> list[str]:
+    """Each of our measured configurations against the machine's matmul rate (machine_limits.json)."""
+    rates = machine.get("matmul_TFLOP_per_s", {})
+    shape = shape_of(frame)
+    if shape is None or not rates:
+        return ["(a compute floor needs a random-weight shape, whose matmul sizes are known, and the matmul rates)"]
+    a = SHAPES[shape]
+    kv = a.n_kv_heads * a.head_dim
+    weights = a.n_layers * (2 * a.dim * a.dim + 2 * a.dim * kv + 3 * a.dim * a.hidden_dim)  # the blocks' matmuls
+    lines = [
+        "| Configuration | Matmul dtype | TFLOP per micro-batch | Machine rate (TFLOP/s) | Floor (s) | "
+        "Measured (s) | Share of the rate |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in frame[(frame["stack"] == "ours") & (frame.status == "ok")].itertuples():
+        dtype = r.precision if r.amp else "fp32"
+        if dtype not in rates:
+            continue
+        passes = 2 + 2 + (0 if r.lora else 2) + (2 if r.grad_ckpt else 0)
+        flops = passes * weights * r.tokens / r.micro_batches
+        floor = flops / (rates[dtype] * 1e12)
+        lines.append(
+            f"| {r.config} | {dtype} | {flops / 1e12:.3f} | {rates[dtype]} | {floor:.2f} | {r.micro_s_mean:.2f} | "
+            f"{100 * floor / r.micro_s_mean:.0f}% |"
+        )
+    return lines + [
+        "",
+        f"FLOPs per token: 2 per weight of the blocks' linear layers ({weights / 1e9:.3f} G on {shape}) for the "
+        "forward, 2 for the input gradients, 2 more for the weight gradients of full fine-tuning (LoRA's own are "
+        "negligible), 2 more to recompute the forward under checkpointing. The output layer, attention scores and "
+        "elementwise work are not counted, so the floor is a lower bound and the share of the machine's matmul "
+        "rate (from `../shared/tools/machine_limits.py`, in `machine_limits.json`) is an underestimate.",
+    ]
+
+
 def write_report(csv_path: Path, out_dir: Path) -> Path:
     """README.md, peak_and_time.png, memory_breakdown.png and timeline.png in out_dir, from csv_path."""
     frame = read_measurements(csv_path)
+    limits = out_dir / "machine_limits.json"
+    machine = json.loads(limits.read_text()) if limits.exists() else None
     ok = frame[frame.status == "ok"]
     device = f"{_unique(frame, 'device')} ({_unique(ok, 'device_name')}, {_unique(ok, 'threads')} threads)"
     versions = f"python {_unique(ok, 'python')}, torch {_unique(ok, 'torch')}, numpy {_unique(ok, 'numpy')}"
@@ -430,6 +495,8 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
         "## Memory by what holds it",
         "",
         *breakdown_section(frame),
+        "",
+        *(["## Against the machine's compute floor", "", *floor_section(frame, machine)] if machine else []),
         "",
         "![peak memory and time](peak_and_time.png)",
         "",

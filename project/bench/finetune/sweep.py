@@ -25,7 +25,7 @@ from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES, has_native_matmul, log, low_precision_dtype
 from project.allocator import SETTINGS as TUNED_MALLOC
 from project.bench.harness import run_child, status_line
-from project.frozen_base import QUANTIZED, resolve_base
+from project.frozen_base import resolve_base
 from project.model.lora import LoRAConfig
 
 from .child import Spec
@@ -163,11 +163,11 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
                         "message": f"no native {amp_precision} matmul on this CPU: autocast would run emulated "
                         "kernels (a 1B micro-batch took over 9 minutes on one); --emulated_amp runs it anyway",
                     }
-                elif stack == "hf" and spec.base in QUANTIZED:
+                elif stack == "hf" and config.base != "auto":
                     result = {
                         "status": "skipped",
-                        "message": "no quantized-base LoRA on CPU in transformers + peft (bitsandbytes QLoRA is "
-                        "CUDA only)",
+                        "message": "transformers + peft have no counterpart on this device: a quantized base "
+                        "needs bitsandbytes (CUDA), and peft computes in the dtype the base is held in",
                     }
                 else:
                     result = run_child(
