@@ -23,8 +23,8 @@ from llama.runtime import log, resolve_device
 from project.bench.finetune.configs import ALL_ON, VANILLA, select
 from project.bench.finetune.report import write_report
 from project.bench.finetune.sweep import SweepOptions, run_sweep
-from project.bench.harness import git_commit
-from project.cli import name_list, run
+from project.bench.harness import git_commit, measure_limits, staged_output
+from project.cli import name_list, run, writable_dir
 from project.model.lora import LoRAConfig
 
 CSV_NAME = "measurements.csv"
@@ -57,8 +57,9 @@ def main(
     out: str = "reports/finetune_benchmark",
     run_dir: str = "runs/finetune_benchmark",
     report_only: bool = False,
+    limits: bool = False,
 ):
-    """Measure the configurations (default: all 10) and write the report.
+    """Measure the configurations (default: all 13) and write the report.
 
     ckpt_dir / shape: the weights (default: the Llama 3.2-1B shape with random weights).
     configs: comma-separated names (vanilla, ckpt, amp, lora, ckpt+amp, ..., accum8, ckpt+amp+lora+accum8).
@@ -71,6 +72,8 @@ def main(
     it is recorded as timeout. emulated_amp: also run the mixed-precision configurations on a CPU without
     native bf16/fp16 matmuls (by default they are recorded as skipped there: emulated kernels take many
     minutes per 1B micro-batch). simulate_oom: configurations that fake an out-of-memory error.
+    limits: first run ../shared/tools/machine_limits.py (about 30 s) and set each configuration against the
+    machine's matmul rate (the report's compute-floor section).
     """
     out_dir = Path(out)
     csv_path = out_dir / CSV_NAME
@@ -105,11 +108,18 @@ def main(
         run_dir=Path(run_dir),
         extra={"commit": git_commit()},
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("timeline_*.json"):  # a timeline belongs to the run that made the CSV
-        old.unlink()
-    run_sweep(chosen, opts, out_dir, csv_path)
-    log(f"wrote {csv_path} and {write_report(csv_path, out_dir)}")
+    writable_dir(out_dir, "--out")
+    # The run's files go to a fresh folder beside --out that replaces it only once the run has finished, so a
+    # failed or interrupted run leaves the previous results (CSV, report, plots, timelines) as they were.
+    with staged_output(out_dir) as staging:
+        if limits:
+            measure_limits(staging)
+        frame = run_sweep(chosen, opts, staging, staging / CSV_NAME)
+        if not (frame.status == "ok").any():
+            first = frame.iloc[0]
+            raise UserError(f"no configuration ran; the first ({first.config}) said: {first.get('message', '?')}")
+        write_report(staging / CSV_NAME, staging)
+    log(f"wrote {csv_path} and {out_dir / 'README.md'}")
 
 
 if __name__ == "__main__":

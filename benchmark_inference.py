@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import json
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,18 +21,16 @@ from typing import Optional
 import pandas as pd
 import torch
 
-from llama.checkpoint import REPO_ROOT, ModelSource, atomic_write
+from llama.checkpoint import ModelSource, atomic_write
 from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES, log, resolve_device, resolve_dtype
-from project.bench.harness import device_name, git_commit
+from project.bench.harness import device_name, git_commit, measure_limits, staged_output
 from project.bench.inference import report, results
-from project.bench.inference.config import grid, int_list
+from project.bench.inference.config import KV_MODES, grid, int_list
 from project.bench.inference.quality import run_quality
 from project.bench.inference.sweep import hf_weights, run_sweep
-from project.cli import name_list, run
+from project.cli import name_list, run, writable_dir
 from project.quant import QuantConfig
-
-LIMITS_TOOL = REPO_ROOT.parent / "shared" / "tools" / "machine_limits.py"
 
 
 def main(
@@ -56,6 +52,7 @@ def main(
     group_size: int = QuantConfig.group_size,
     limits: bool = False,
     simulate_oom: str = "",
+    timeout_s: Optional[float] = None,
 ):
     """Sweep batch_sizes × input_lens × output_lens × KV cache (on/off/both), each in a fresh process.
 
@@ -64,17 +61,24 @@ def main(
     --quantize none,int8,int4 sweeps our stack's weights in those formats (project/quant.py; int4 in groups
     of --group_size input columns); Hugging Face runs once, with the model's own weights.
     --limits runs ../shared/tools/machine_limits.py first (about 30 s) and sets our figures against them.
+    --timeout_s records a configuration still running after that many seconds (loading included) as timeout.
     --simulate_oom batch_size=2,kv_cache=off makes the matching configurations fail as out of memory
     after loading (how the tests check that a sweep survives an OOM)."""
     source = ModelSource(ckpt_dir, shape, int(seed))
     if compare not in (None, "hf"):
         raise UserError(f"--compare only knows 'hf' (got {compare!r})")
+    if timeout_s is not None and not timeout_s > 0:
+        raise UserError(f"--timeout_s must be a positive number of seconds, not {timeout_s}")
     if int(repeats) < 1 or int(warmup) < 0:
         raise UserError("--repeats must be at least 1 and --warmup at least 0")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     threads = int(threads or torch.get_num_threads())
     stacks = ["ours", "hf"] if compare else ["ours"]
+    sizes = [int_list(v, n) for v, n in ((batch_sizes, "batch_sizes"), (input_lens, "input_lens"),
+                                         (output_lens, "output_lens"))]  # fmt: skip
+    if str(kv) not in KV_MODES:
+        raise UserError(f"--kv must be on, off or both (got {kv!r})")
     modes = name_list(quantize)
     quants = [QuantConfig(m, int(group_size)) for m in modes or ["none"]]
     tf_version = ""
@@ -84,83 +88,70 @@ def main(
         except importlib.metadata.PackageNotFoundError:
             raise UserError("--compare hf needs transformers: pip install -r requirements-dev.txt") from None
     out_dir = Path(out).expanduser()
-    out_dir = out_dir if out_dir.is_absolute() else Path.cwd() / out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("vs_batch_size.png", "vs_output_len.png"):
-        (out_dir / stale).unlink(missing_ok=True)
+    out_dir = writable_dir(out_dir if out_dir.is_absolute() else Path.cwd() / out_dir, "--out")
+    # A run's files go to a fresh folder beside --out that replaces it only when the run has finished, so a
+    # failed or interrupted run leaves the previous results as they were.
+    with staged_output(out_dir) as run_dir:
+        meta = {
+            "model": source.name,
+            "device": str(dev),
+            "dtype": DTYPE_NAMES[dt],
+            "threads": threads,
+            "device_name": device_name(dev),
+            "torch_version": torch.__version__,
+            "transformers_version": tf_version,
+            "commit": git_commit(),
+            "command": "python benchmark_inference.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
+            "date": datetime.date.today().isoformat(),
+            "repeats": repeats,
+            "warmup": warmup,
+            "memory_note": report.memory_note(dev.type),
+        }
+        machine = measure_limits(run_dir) if limits else None
+        with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+            hf_dir = hf_weights(source, dt, Path(tmp) / "hf") if compare else None
+            specs = grid(
+                *sizes,
+                kv,
+                stacks,
+                quants,
+                device=str(dev),
+                dtype=DTYPE_NAMES[dt],
+                threads=threads,
+                repeats=repeats,
+                warmup=warmup,
+                source=source,
+                hf_dir=hf_dir,
+            )
+            for spec in specs:
+                spec.simulate_oom = spec.matches(simulate_oom)
+            log(
+                f"{len(specs)} configurations of {source.name} on {meta['device']} ({meta['device_name']}), "
+                f"{meta['dtype']}, {threads} threads; results in {run_dir}"
+            )
 
-    meta = {
-        "model": source.name,
-        "device": str(dev),
-        "dtype": DTYPE_NAMES[dt],
-        "threads": threads,
-        "device_name": device_name(dev),
-        "torch_version": torch.__version__,
-        "transformers_version": tf_version,
-        "commit": git_commit(),
-        "command": "python benchmark_inference.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
-        "date": datetime.date.today().isoformat(),
-        "repeats": int(repeats),
-        "warmup": int(warmup),
-        "memory_note": report.memory_note(dev.type),
-    }
-    machine = measure_limits(out_dir) if limits else None
-    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
-        hf_dir = hf_weights(source, dt, Path(tmp) / "hf") if compare else None
-        specs = grid(
-            int_list(batch_sizes, "batch_sizes"),
-            int_list(input_lens, "input_lens"),
-            int_list(output_lens, "output_lens"),
-            str(kv),
-            stacks,
-            quants,
-            device=str(dev),
-            dtype=DTYPE_NAMES[dt],
-            threads=threads,
-            repeats=int(repeats),
-            warmup=int(warmup),
-            source=source,
-            hf_dir=hf_dir,
-        )
-        for spec in specs:
-            spec.simulate_oom = spec.matches(str(simulate_oom))
-        log(
-            f"{len(specs)} configurations of {source.name} on {meta['device']} ({meta['device_name']}), "
-            f"{meta['dtype']}, {threads} threads; results in {out_dir}"
-        )
+            def save(done):
+                frame = pd.DataFrame(results.rows(done, meta), columns=results.CSV_COLUMNS)
+                results.write_csv(frame, run_dir / "results.csv")
 
-        def save(done):
-            frame = pd.DataFrame(results.rows(done, meta), columns=results.CSV_COLUMNS)
-            results.write_csv(frame, out_dir / "results.csv")
-
-        done = run_sweep(specs, Path(tmp), on_result=save)
-        quality = None
-        if any(q.mode != "none" for q in quants) and source.shape:
-            log("quality of the weight formats not measured: random weights have no quality to lose")
-        elif any(q.mode != "none" for q in quants):
-            log("quality of each weight format: perplexity of data/heldout.txt, greedy agreement ...")
-            quality = pd.DataFrame(run_quality(source, DTYPE_NAMES[dt], str(dev), quants, Path(tmp)))
-            results.write_csv(quality, out_dir / "quality.csv")
-    if all(res["status"] == "error" for _, res in done):
-        raise UserError(f"every configuration failed; the first said: {done[0][1].get('message', '?')}")
-    df = pd.read_csv(out_dir / "results.csv", keep_default_na=True)
-    summary = results.summarize(df)
-    results.write_csv(summary, out_dir / "summary.csv")
-    plots = report.plots(summary, out_dir)
-    text = report.report(summary, meta, plots, quality, machine)
-    atomic_write(out_dir / "report.md", text)
-    print(text)
-
-
-def measure_limits(out_dir: Path) -> dict:
-    """The machine's limits (memory read rate, matmul rates, Llama 3.2-1B bounds), saved as machine_limits.json."""
-    if not LIMITS_TOOL.exists():
-        raise UserError(f"--limits needs {LIMITS_TOOL} (the shared folder beside the repository)")
-    log(f"measuring the machine's limits with {LIMITS_TOOL.name} ...")
-    run = subprocess.run([sys.executable, str(LIMITS_TOOL), "--json"], capture_output=True, text=True, check=True)
-    facts = json.loads(run.stdout.strip().splitlines()[-1])
-    atomic_write(out_dir / "machine_limits.json", json.dumps(facts, indent=2))
-    return facts
+            done = run_sweep(specs, Path(tmp), on_result=save, timeout_s=timeout_s)
+            quality = None
+            if any(q.mode != "none" for q in quants) and source.shape:
+                log("quality of the weight formats not measured: random weights have no quality to lose")
+            elif any(q.mode != "none" for q in quants):
+                log("quality of each weight format: perplexity of data/heldout.txt, greedy agreement ...")
+                quality = pd.DataFrame(run_quality(source, DTYPE_NAMES[dt], str(dev), quants, Path(tmp)))
+                results.write_csv(quality, run_dir / "quality.csv")
+        if not any(res["status"] == "ok" for _, res in done):
+            first = done[0][1]
+            raise UserError(f"no configuration ran; the first was {first['status']}: {first.get('message', '?')}")
+        df = pd.read_csv(run_dir / "results.csv", keep_default_na=True)
+        summary = results.summarize(df)
+        results.write_csv(summary, run_dir / "summary.csv")
+        plots = report.plots(summary, run_dir)
+        text = report.report(summary, meta, plots, quality, machine)
+        atomic_write(run_dir / "report.md", text)
+        print(text)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from llama.checkpoint import ModelSource
+from llama.checkpoint import ModelSource, remove_stale_temps
 from llama.errors import UserError
-from llama.runtime import DTYPE_NAMES, resolve_device, resolve_dtype
+from llama.runtime import DTYPE_NAMES, log, resolve_device, resolve_dtype
 from project.allocator import retain_freed_memory
-from project.cli import name_list, run
+from project.cli import name_list, run, writable_dir
 from project.finetune import finetune
 from project.frozen_base import QUANTIZED, resolve_base
 from project.model.lora import LoRAConfig
@@ -59,6 +59,7 @@ def main(
     run_dir: str = "runs/finetune",
     save_every: int = 10,
     save_merged: Optional[str] = None,
+    export: Sequence[str] = (),
     resume: bool = False,
     sample_max_gen_len: int = 64,
     device: str = "auto",
@@ -72,6 +73,8 @@ def main(
     fp32, bf16, fp16, or int8 / int4 (quantized, QLoRA-style); see project/frozen_base.py.
     grad_ckpt: none, all, every-K or sqrt. max_records: use only the first N valid records.
     save_merged: also write the model with the adapter merged in, as a Meta checkpoint, to this folder.
+    export: peft also writes the adapter in peft's format to run_dir/peft_adapter (PeftModel.from_pretrained
+    loads it on the same base in transformers).
     """
     source = ModelSource(ckpt_dir, shape, seed)
     lora_cfg = LoRAConfig(lora_r, lora_alpha, lora_dropout, name_list(lora_targets)) if lora else None
@@ -90,6 +93,16 @@ def main(
         save_every=save_every,
     )
     held = resolve_base(base, cfg.precision, lora_cfg is not None)
+    out_dir, run_path = writable_dir(out, "--out"), writable_dir(run_dir, "--run_dir")
+    for stale in remove_stale_temps(out_dir) + remove_stale_temps(run_path):
+        log(f"removed {stale}, left by a save that was killed")
+    formats = name_list(export)
+    if [f for f in formats if f != "peft"] or (formats and not lora):
+        raise UserError("--export takes peft (the LoRA adapter in peft's format; needs --lora True)")
+    if save_merged:
+        writable_dir(save_merged, "--save_merged")
+    if resume and not (run_path / "training_state.pt").exists():
+        raise UserError(f"--resume: no checkpoint at {run_path / 'training_state.pt'}; run without --resume to start")
     if save_merged and held in QUANTIZED:
         raise UserError(f"--save_merged needs a full-precision base to merge into, not --base {held}")
     finetune(
@@ -97,14 +110,15 @@ def main(
         lora_cfg,
         cfg,
         dev,
-        Path(out),
-        Path(run_dir),
+        out_dir,
+        run_path,
         data=data,
         max_seq_len=max_seq_len,
         max_records=max_records,
         on_bad_record=on_bad_record,
         grad_ckpt=grad_ckpt,
         base=held,
+        export=formats,
         save_merged=save_merged,
         resume=resume,
         sample_max_gen_len=sample_max_gen_len,

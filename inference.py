@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Optional
 
 from llama.checkpoint import ModelSource
@@ -27,9 +28,21 @@ SAMPLE_PROMPTS = [
 ]
 
 
+def read_prompt_file(path: str) -> str:
+    """The whole text of a file (or of standard input for -), as one prompt."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompt_file {path}: cannot read it as text ({e})") from None
+    if not text.strip():
+        raise UserError(f"--prompt_file {path} is empty")
+    return text
+
+
 def main(
     prompt: Optional[str] = None,
     prompts: Optional[Sequence[str]] = None,
+    prompt_file: Optional[str] = None,
     ckpt_dir: Optional[str] = None,
     shape: Optional[str] = None,
     chat: bool = True,
@@ -48,17 +61,26 @@ def main(
     """Print each prompt, its completion (streamed when prompts run one at a time) and tokens/s.
 
     --chat wraps each prompt in the model's chat format; --batch runs all prompts in one batch.
+    --prompt_file reads one prompt, of any length, from a text file (- for standard input).
     --quantize int8|int4 stores the linear layers' weights in 8 / 4 bits (project/quant.py; int4 in groups of
     --group_size input columns).
     """
-    if prompt is not None and prompts is not None:
-        raise UserError("give --prompt or --prompts, not both")
+    if sum(p is not None for p in (prompt, prompts, prompt_file)) > 1:
+        raise UserError("give one of --prompt, --prompts and --prompt_file")
+    if prompt_file is not None:
+        prompt = read_prompt_file("-" if prompt_file is True else str(prompt_file))  # fire reads "-" as a bare flag
     if isinstance(prompts, str):
         prompts = [prompts]
     # fire turns numeric-looking text into numbers; a prompt is always text
     texts = [str(t) for t in ([prompt] if prompt is not None else list(prompts or SAMPLE_PROMPTS))]
     if max_gen_len < 1:
         raise UserError("--max_gen_len must be at least 1")
+    if temperature < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or positive, not {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], not {top_p}")
+    if top_k < 0:
+        raise UserError(f"--top_k must be 0 (off) or a positive count, not {top_k}")
     quant = QuantConfig(str(quantize), int(group_size))
     llama = Llama.build(ModelSource(ckpt_dir, shape, seed), device=device, dtype=dtype)
     if quant.mode != "none":

@@ -6,10 +6,14 @@ dtype and device and assigns it, so two full copies of the weights never exist a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -214,22 +218,65 @@ def save_meta(model: Transformer, out_dir: str | Path, tokenizer_file: Path | No
 
 def atomic_write(path: Path, data: str | bytes | Callable):
     """Write data (text as UTF-8, bytes, or a function given the open binary file) through a temporary file in
-    the same folder, then rename it into place: readers never see half a file."""
+    the same folder, then rename it into place: readers never see half a file. Ctrl-C or SIGTERM during the
+    write takes effect once it is done (an interrupted torch.save would fail with a C++ error instead)."""
     path = Path(path)
     if isinstance(data, (str, bytes)):
         payload = data.encode() if isinstance(data, str) else data
         data = lambda f: f.write(payload)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with signals_deferred():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                data(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a written file gets the usual mode
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def load_torch_file(path: Path, what: str, keys: tuple[str, ...] = ()) -> dict:
+    """torch.load(weights_only=True) of a file this project wrote: any file that cannot be read, or that lacks
+    one of keys, is one UserError naming the file (never torch's advice to load untrusted pickles in full)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            data(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a written file gets the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (EOFError, RuntimeError), not a pickle (UnpicklingError), unreadable (OSError)
+        text = str(e).strip()
+        reason = text.splitlines()[0] if text else type(e).__name__
+        if "weights_only" in text or "Weights only" in text:
+            reason = "it holds objects other than tensors and plain data"
+        raise UserError(f"cannot read {what} {path}: {reason} (corrupt, truncated, or another kind of file?)") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise UserError(f"{what} {path} is not one this project wrote: it has no {', '.join(missing)}")
+    return obj
+
+
+STALE_TEMP = re.compile(r".+\.[a-z0-9_]{8}\.tmp")  # what atomic_write's mkstemp names look like
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed atomic_write left in folder (call it before a job writes there)."""
+    stale = [p for p in Path(folder).glob("*.tmp") if STALE_TEMP.fullmatch(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM back until the block is done (POSIX, main thread); elsewhere a plain block."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal that came meanwhile is delivered now
 
 
 def current_umask() -> int:
@@ -330,7 +377,11 @@ def load_hf(path: Path, dtype, device):
 
     def tensors():
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
+            try:
+                f = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors' own error type: a truncated file, a header that is not JSON
+                raise UserError(f"cannot read {file}: {e} (truncated, or not a safetensors file?)") from None
+            with f:
                 for name in f.keys():
                     t = f.get_tensor(name)
                     meta = hf_to_meta_name(name)

@@ -60,7 +60,7 @@ class _Cursor:
 def read_gguf(path: str | Path) -> tuple[dict, list[GGUFTensor]]:
     """(metadata {key: value}, tensors in file order); raises ValueError for a file that is not GGUF v2/v3."""
     mm = np.memmap(path, dtype=np.uint8, mode="r")
-    c = _Cursor(memoryview(mm))
+    c = _Cursor(memoryview(mm))  # struct.error / IndexError past the end: the caller reports a truncated header
     if bytes(c.buf[:4]) != b"GGUF":
         raise ValueError("not a GGUF file (bad magic)")
     c.pos = 4
@@ -85,5 +85,9 @@ def read_gguf(path: str | Path) -> tuple[dict, list[GGUFTensor]]:
         row_bytes = shape[-1] // block * type_size
         start = data_start + offset
         nbytes = row_bytes * int(np.prod(shape[:-1], dtype=np.int64))
+        if start + nbytes > len(mm):
+            raise ValueError(
+                f"the file is truncated: tensor {name} needs bytes up to {start + nbytes:,}, the file has {len(mm):,}"
+            )
         tensors.append(GGUFTensor(name, qtype, shape, mm[start : start + nbytes].reshape(*shape[:-1], row_bytes)))
     return meta, tensors

@@ -23,6 +23,7 @@ from project.allocator import allocator_settings
 from project.bench.harness import cpu_steal, cpu_ticks, device_name, environment
 from project.checkpointing import apply_checkpointing
 from project.data import build_dataset, find_dataset, format_prompt, load_records, validate_records
+from project.export import save_peft_adapter
 from project.frozen_base import load_dtype, prepare
 from project.model.lora import LoRAConfig, count_parameters, describe_trainable, merge_lora, save_adapter
 from project.reports.finetune_run import write_run_report
@@ -51,6 +52,7 @@ def finetune(
     grad_ckpt: str = "none",
     base: str = "fp32",
     save_merged: Optional[str] = None,
+    export: tuple[str, ...] = (),
     resume: bool = False,
     sample_max_gen_len: int = 64,
     command: str = "",
@@ -66,8 +68,9 @@ def finetune(
         records = records[:max_records]
 
     start = time.perf_counter()
-    model, tokenizer = source.load(load_dtype(base), device)
-    log(f"loaded {source.name} in {time.perf_counter() - start:.1f}s; {describe(device, load_dtype(base))}")
+    dtype = load_dtype(base, cfg.precision)
+    model, tokenizer = source.load(dtype, device)
+    log(f"loaded {source.name} in {time.perf_counter() - start:.1f}s; {describe(device, dtype)}")
     dataset = build_dataset(records, tokenizer, max_seq_len)
     log(
         f"{data_path}: {len(dataset)} examples, {dataset.n_truncated} truncated to {max_seq_len} tokens, "
@@ -75,7 +78,7 @@ def finetune(
     )
 
     torch.manual_seed(cfg.seed)
-    held = prepare(model, lora, base)
+    held = prepare(model, lora, base, cfg.precision)
     log(held)
     log(describe_trainable(model))
     trainable, total = count_parameters(model)
@@ -93,6 +96,9 @@ def finetune(
 
     if lora:
         save_adapter(model, run_dir / "adapter.pt", lora)
+    if "peft" in export:
+        save_peft_adapter(model, run_dir / "peft_adapter", lora, base_model=source.name)
+        log(f"peft adapter written to {run_dir / 'peft_adapter'} (PeftModel.from_pretrained loads it)")
     if save_merged:
         if lora:
             merge_lora(model)

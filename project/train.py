@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from llama.checkpoint import atomic_write
+from llama.checkpoint import atomic_write, load_torch_file
 from llama.errors import UserError
 from llama.runtime import DTYPES, log
 
@@ -209,10 +209,8 @@ def save_training_state(path: Path, model, optimizer, scaler, cfg: TrainConfig, 
 
 def load_training_state(path: Path, model, optimizer, scaler, cfg: TrainConfig) -> int:
     """Restore a checkpoint written by save_training_state; returns the optimizer steps already done."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"cannot read checkpoint {path} to resume: {str(e).splitlines()[0]}") from None
+    keys = ("step", "config", "trainable", "optimizer", "scaler", "rng_cpu", "rng_cuda")
+    state = load_torch_file(path, "the training state to resume from,", keys)
     saved = state["config"]
     differs = [
         k for k in ("lr", "optimizer", "batch_size", "grad_accum", "precision", "seed") if saved[k] != asdict(cfg)[k]
@@ -277,7 +275,7 @@ def train(
     records = []
     start = time.perf_counter()
     bar = tqdm(total=n_total, initial=step, desc="fine-tuning", unit="step", dynamic_ncols=True)
-    with open(log_path, "a") as log_file:
+    with bar, open(log_path, "a") as log_file:  # the bar is closed before an error or "interrupted" is printed
         while step < n_total:
             epoch, index = divmod(step, per_epoch)
             window = epoch_windows(len(dataset), cfg, epoch)[index]
@@ -315,6 +313,5 @@ def train(
             )
             if step % cfg.save_every == 0 or step == n_total:
                 save_training_state(checkpoint_path, model, optimizer, scaler, cfg, step)
-    bar.close()
     model.eval()
     return records

@@ -216,6 +216,22 @@ def test_bad_flag_is_one_line_error(tiny_ckpt, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_failed_or_rejected_run_leaves_the_previous_results_as_they_were(tiny_ckpt, tmp_path):
+    out = tmp_path / "bench"
+    bench(tiny_ckpt, out, "--batch_sizes", "1", "--kv", "on")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"results.csv", "report.md"} <= set(before)
+    rejected = run_script("benchmark_inference.py", "--ckpt_dir", tiny_ckpt, "--batch_sizes", "0", "--out", out)
+    failed = run_script(*["benchmark_inference.py", "--ckpt_dir", tiny_ckpt, "--batch_sizes", "1", "--kv", "on",
+                          "--input_lens", IN_LEN, "--output_lens", OUT_LEN, "--repeats", 1, "--device", "cpu",
+                          "--simulate_oom", "batch_size=1", "--out", out])  # fmt: skip
+    assert rejected.returncode == failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1].startswith("error: no configuration ran; the first was OOM")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # not a byte changed
+    partial = tmp_path / "bench.partial"
+    assert "OOM" in (partial / "results.csv").read_text()  # the failed run's rows are kept beside
+
+
 @pytest.mark.slow
 def test_compare_hf_same_tokens(tiny_ckpt, tmp_path):
     pytest.importorskip("transformers")

@@ -258,6 +258,14 @@ def test_read_gguf_matches_gguf_reader(tmp_path):
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 20)
     with pytest.raises(UserError, match="cannot read GGUF"):
         load_checkpoint(tmp_path / "bad.gguf", torch.float32, "cpu")
+    whole = path.read_bytes()
+    for keep in (len(whole) - 1, len(whole) // 2, 200):  # cut in the last tensor, mid-way, in the header
+        (tmp_path / "cut.gguf").write_bytes(whole[:keep])
+        with pytest.raises(UserError, match="cannot read GGUF file .*cut.gguf"):
+            load_checkpoint(tmp_path / "cut.gguf", torch.float32, "cpu")
+    (tmp_path / "cut.gguf").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match="the file is truncated: tensor "):
+        load_checkpoint(tmp_path / "cut.gguf", torch.float32, "cpu")
 
 
 def test_atomic_write_replaces_whole_files_with_the_usual_mode(tmp_path):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import run_script, tiny_model
 
-from llama.checkpoint import save_meta
+from llama.checkpoint import REPO_ROOT, save_meta
 
 
 def assert_paris(proc):
@@ -97,6 +99,22 @@ def test_prompt_longer_than_the_context(tiny_ckpt):
         "inference.py", "--ckpt_dir", tiny_ckpt, "--prompt", long_prompt, "--max_gen_len", "4", "--dtype", "fp32"
     )
     assert_one_clear_line(proc, "exceeds the model's context of 32")
+
+
+def test_a_prompt_file_of_any_length_reaches_the_context_check(tiny_ckpt, tmp_path):
+    """2,000 words through --prompt_file (and standard input): the context check answers, not fire's parser."""
+    long_prompt = tmp_path / "long.txt"
+    long_prompt.write_text("word " * 2000)
+    for source in (str(long_prompt), "-"):
+        cmd = ["inference.py", "--ckpt_dir", tiny_ckpt, "--prompt_file", source, "--dtype", "fp32"]
+        if source == "-":
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO_ROOT, env=env, capture_output=True,
+                                  text=True, timeout=120, input=long_prompt.read_text())  # fmt: skip
+        else:
+            proc = run_script(*cmd, timeout=120)
+        assert_one_clear_line(proc, "exceeds the model's context of 32")
+    assert_one_clear_line(run_script("inference.py", "--prompt_file", tmp_path / "none.txt"), "--prompt_file")
 
 
 def test_unknown_dtype():

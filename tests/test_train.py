@@ -160,6 +160,29 @@ def test_an_overflowing_fp16_step_is_skipped_by_the_scaler():
     assert not all(torch.equal(p, b) for p, b in zip(params, before))
 
 
+def test_grad_clip_under_fp16_clips_the_unscaled_gradients():
+    """With a loss scale of 2^10 the .grad tensors hold 1024x the true gradients; clipping must see the true norm
+    (unscale first), and SGD with lr 1 then moves the adapters by exactly the clip norm."""
+    model = apply_lora(tiny_model(), LoRAConfig(r=4, alpha=8.0, dropout=0.0))
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.fill_(0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids, labels = collate(examples(2), PAD)
+    with torch.autocast("cpu", dtype=torch.float16):  # the true gradient, for the expected norm
+        (loss_sum(model, ids, labels) / label_tokens(labels)).backward()
+    true_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+    model.zero_grad(set_to_none=True)
+    before = [p.detach().clone() for p in params]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    clip = true_norm / 10
+    result = train_step(model, [(ids, labels)], torch.optim.SGD(params, lr=1.0), scaler, "fp16", grad_clip=clip)
+    assert not result.skipped and result.grad_norm == pytest.approx(true_norm, rel=1e-3)
+    moved = torch.linalg.vector_norm(torch.stack([(p - b).norm() for p, b in zip(params, before)])).item()
+    assert moved == pytest.approx(clip, rel=1e-3)
+
+
 # ---- end to end -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -234,6 +257,34 @@ def test_resume_refuses_other_settings(tiny_run):
     run_finetuning(tiny_run, "changed", max_steps=2)
     with pytest.raises(UserError, match="lr"):
         run_finetuning(tiny_run, "changed", max_steps=3, lr=1e-3, resume=True)
+
+
+def test_resume_refuses_other_lora_settings(tiny_run):
+    run_finetuning(tiny_run, "rank", max_steps=2)
+    with pytest.raises(UserError, match="other trainable weights"):
+        run_finetuning(tiny_run, "rank", max_steps=3, lora_targets="wq,wk,wv", resume=True)
+
+
+def test_save_merged_writes_a_checkpoint_that_equals_base_plus_adapter(tiny_run):
+    from llama.checkpoint import load_checkpoint
+    from project.model.lora import load_adapter
+
+    out, _ = run_finetuning(tiny_run, "merged", max_steps=2, save_merged=str(tiny_run[2] / "merged" / "model"))
+    merged, _ = load_checkpoint(out / "model", torch.float32, "cpu")
+    base, _ = load_checkpoint(tiny_run[0], torch.float32, "cpu")
+    apply_lora(base, LoRAConfig())
+    load_adapter(base, out / "run" / "adapter.pt")
+    assert any(m.lora_B.abs().sum() > 0 for m in base.modules() if hasattr(m, "lora_B"))  # it did train
+    ids = torch.tensor([[5, 40, 80, 120, 7, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(ids), base.eval()(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_export_peft_writes_the_adapter_in_peft_format(tiny_run):
+    out, _ = run_finetuning(tiny_run, "peft", max_steps=1, export="peft")
+    config = json.loads((out / "run" / "peft_adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["target_modules"] == ["q_proj", "v_proj"]
+    assert (out / "run" / "peft_adapter" / "adapter_model.safetensors").stat().st_size > 0
 
 
 def test_train_config_rejects_bad_values():

@@ -15,14 +15,16 @@ and, unless ok, a one-line `message`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -158,3 +160,39 @@ def git_commit() -> str:
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: Path) -> Iterator[Path]:
+    """A fresh folder beside out_dir (out_dir.partial) for one run's files, which replaces out_dir when the block
+    finishes. If the block fails or is interrupted, out_dir stays exactly as it was and the partial files stay
+    beside it, in out_dir.partial, for inspection."""
+    out_dir = Path(out_dir)
+    staging, old = out_dir.with_name(out_dir.name + ".partial"), out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        log(f"the run did not finish: {out_dir} is unchanged; what it wrote is in {staging}")
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+LIMITS_TOOL = REPO_ROOT.parent / "shared" / "tools" / "machine_limits.py"
+
+
+def measure_limits(out_dir: Path) -> dict:
+    """The machine's limits (memory read rate, matmul rates, Llama 3.2-1B bounds) from the shared tool
+    ../shared/tools/machine_limits.py (about 30 s), saved as out_dir/machine_limits.json."""
+    if not LIMITS_TOOL.exists():
+        raise UserError(f"--limits needs {LIMITS_TOOL} (the shared folder beside the repository)")
+    log(f"measuring the machine's limits with {LIMITS_TOOL.name} ...")
+    run = subprocess.run([sys.executable, str(LIMITS_TOOL), "--json"], capture_output=True, text=True, check=True)
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    atomic_write(out_dir / "machine_limits.json", json.dumps(facts, indent=2))
+    return facts

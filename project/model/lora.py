@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llama.checkpoint import atomic_write
+from llama.checkpoint import atomic_write, load_torch_file
 from llama.errors import UserError
 
 
@@ -90,6 +90,10 @@ class LoRAConfig:
             )
         if not (isinstance(self.r, int) and self.r >= 1):
             raise UserError(f"LoRA rank must be at least 1, not {self.r}")
+        if not self.alpha > 0:
+            raise UserError(f"--lora_alpha must be positive (the adapter is scaled by alpha / r), not {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--lora_dropout must be in [0, 1), not {self.dropout}")
 
     def describe(self) -> str:
         return f"r {self.r}, alpha {self.alpha}, dropout {self.dropout}, targets {', '.join(self.targets)}"
@@ -139,10 +143,7 @@ def save_adapter(model: nn.Module, path: str | Path, cfg: LoRAConfig):
 
 def load_adapter(model: nn.Module, path: str | Path) -> dict:
     """Load adapter weights into a model already wrapped with apply_lora (same targets and rank); returns the config."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"cannot read adapter {path}: {str(e).splitlines()[0]}") from None
+    payload = load_torch_file(path, "adapter", ("config", "state_dict"))
     state, expected = payload["state_dict"], adapter_state_dict(model)
     if set(state) != set(expected):
         raise UserError(f"adapter {path} was made for other LoRA targets: {payload['config']}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import time
 from pathlib import Path
+from typing import Optional
 
 from llama.checkpoint import ModelSource, save_hf
 from llama.errors import UserError
@@ -16,8 +17,11 @@ from project.bench.inference.hf import hf_source
 CHILD = "project.bench.inference.child"
 
 
-def run_sweep(specs: list[Spec], folder: Path, on_result=None) -> list[tuple[Spec, dict]]:
+def run_sweep(
+    specs: list[Spec], folder: Path, on_result=None, timeout_s: Optional[float] = None
+) -> list[tuple[Spec, dict]]:
     """Run the specs in order, one log line per configuration; on_result(done) after each (to save progress).
+    A configuration still running after timeout_s seconds (loading included) is recorded as timeout.
 
     Hugging Face specs take the prompt ids of the matching run of ours, so both see the same tokens."""
     done: list[tuple[Spec, dict]] = []
@@ -26,7 +30,7 @@ def run_sweep(specs: list[Spec], folder: Path, on_result=None) -> list[tuple[Spe
         if spec.stack != "ours" and spec.prompt is None:
             spec.prompt = prompts.get(spec.input_len)
         start = time.perf_counter()
-        result = run_child(CHILD, spec.to_dict(), folder, f"config{i}")
+        result = run_child(CHILD, spec.to_dict(), folder, f"config{i}", timeout_s=timeout_s)
         if result.get("prompt") and spec.stack == "ours":
             prompts.setdefault(spec.input_len, result["prompt"])
         log(f"[{i}/{len(specs)}] {spec.name}: {status_line(result, ok_text)} ({time.perf_counter() - start:.0f}s)")
