@@ -45,10 +45,11 @@ def tiny_model(seed: int = 0, **kw) -> Transformer:
     return model
 
 
-def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """A Hugging Face folder (config.json + safetensors + tokenizer.json) that load_checkpoint reads."""
+def write_tiny_checkpoint(folder: Path, seed: int = 0, model: Transformer | None = None) -> Path:
+    """A Hugging Face folder (config.json + safetensors + tokenizer.json) that load_checkpoint reads: the tiny
+    model of this seed, or `model` (with the byte tokenizer's 259-token vocabulary)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_hf(tiny_model(seed), folder)
+    save_hf(model if model is not None else tiny_model(seed), folder)
     b2u = _byte_to_unicode()
     tokenizer = {
         "model": {"type": "BPE", "vocab": {b2u[b]: b for b in range(256)}, "merges": []},
