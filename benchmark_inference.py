@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import shlex
 import sys
 import tempfile
@@ -53,6 +54,7 @@ def main(
     limits: bool = False,
     simulate_oom: str = "",
     timeout_s: Optional[float] = None,
+    report_only: bool = False,
 ):
     """Sweep batch_sizes × input_lens × output_lens × KV cache (on/off/both), each in a fresh process.
 
@@ -61,9 +63,18 @@ def main(
     --quantize none,int8,int4 sweeps our stack's weights in those formats (project/quant.py; int4 in groups
     of --group_size input columns); Hugging Face runs once, with the model's own weights.
     --limits runs ../shared/tools/machine_limits.py first (about 30 s) and sets our figures against them.
+    --report_only rebuilds report.md, summary.csv and the plots in --out from its results.csv and meta.json.
     --timeout_s records a configuration still running after that many seconds (loading included) as timeout.
     --simulate_oom batch_size=2,kv_cache=off makes the matching configurations fail as out of memory
     after loading (how the tests check that a sweep survives an OOM)."""
+    if report_only:
+        folder = Path(out)
+        missing = [n for n in ("results.csv", "meta.json") if not (folder / n).exists()]
+        if missing:
+            raise UserError(f"--report_only: {folder} has no {' or '.join(missing)}; run the benchmark first")
+        write_report(folder)
+        log(f"wrote {folder / 'report.md'}, summary.csv and the plots from {folder / 'results.csv'}")
+        return
     source = ModelSource(ckpt_dir, shape, int(seed))
     if compare not in (None, "hf"):
         raise UserError(f"--compare only knows 'hf' (got {compare!r})")
@@ -107,7 +118,8 @@ def main(
             "warmup": warmup,
             "memory_note": report.memory_note(dev.type),
         }
-        machine = measure_limits(run_dir) if limits else None
+        if limits:
+            measure_limits(run_dir)  # machine_limits.json, which the report reads
         with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
             hf_dir = hf_weights(source, dt, Path(tmp) / "hf") if compare else None
             specs = grid(
@@ -135,7 +147,6 @@ def main(
                 results.write_csv(frame, run_dir / "results.csv")
 
             done = run_sweep(specs, Path(tmp), on_result=save, timeout_s=timeout_s)
-            quality = None
             if any(q.mode != "none" for q in quants) and source.shape:
                 log("quality of the weight formats not measured: random weights have no quality to lose")
             elif any(q.mode != "none" for q in quants):
@@ -145,13 +156,22 @@ def main(
         if not any(res["status"] == "ok" for _, res in done):
             first = done[0][1]
             raise UserError(f"no configuration ran; the first was {first['status']}: {first.get('message', '?')}")
-        df = pd.read_csv(run_dir / "results.csv", keep_default_na=True)
-        summary = results.summarize(df)
-        results.write_csv(summary, run_dir / "summary.csv")
-        plots = report.plots(summary, run_dir)
-        text = report.report(summary, meta, plots, quality, machine)
-        atomic_write(run_dir / "report.md", text)
-        print(text)
+        atomic_write(run_dir / "meta.json", json.dumps(meta, indent=2))
+        print(write_report(run_dir))
+
+
+def write_report(folder: Path) -> str:
+    """summary.csv, the plots and report.md in folder, from its results.csv, meta.json and (where the run made
+    them) quality.csv and machine_limits.json; returns the report's text."""
+    summary = results.summarize(pd.read_csv(folder / "results.csv", keep_default_na=True))
+    results.write_csv(summary, folder / "summary.csv")
+    meta = json.loads((folder / "meta.json").read_text())
+    quality = pd.read_csv(folder / "quality.csv") if (folder / "quality.csv").exists() else None
+    limits = folder / "machine_limits.json"
+    machine = json.loads(limits.read_text()) if limits.exists() else None
+    text = report.report(summary, meta, report.plots(summary, folder), quality, machine)
+    atomic_write(folder / "report.md", text)
+    return text
 
 
 if __name__ == "__main__":

@@ -260,3 +260,8 @@ def test_limits_section_scales_the_bound_by_bytes_per_weight():
     assert [c.strip() for c in rows["int8 (fp32)"]] == ["40.0", "75%"]
     assert [c.strip() for c in rows["int4-g32 (fp32)"]] == ["80.0", "25%"]
     assert "| device | cpu |" in lines and not limits_section(machine, summary, "SmolLM2")[-1].startswith("| int")
+    # A memory read rate measured below the weight-read rate of the same run (CPU steal): the fastest one counts.
+    slow = dict(machine, memory_read_GB_per_s=10.0, weight_read_GB_per_s={"fp32": 15.0, "bf16": 12.0})
+    lines = limits_section(slow, summary, "llama3.2-1b (random weights, seed 0)")
+    assert any("(15.0 GB/s)" in line for line in lines)
+    assert next(line for line in lines if line.startswith("| none")).split("|")[3].strip() == "15.0"

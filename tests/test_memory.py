@@ -86,23 +86,40 @@ def test_memory_timeline_sees_parameters_and_gradients():
     assert tl["t_ms"] == sorted(tl["t_ms"])
 
 
+PEAK_PROBE = """
+import json, torch
+from project.memory import MiB, PeakMemory, rss_bytes
+out = {}
+for name, n in (("first", 64 * MiB), ("second", 16 * MiB)):  # float32: 256 MiB, then 64 MiB, every page touched
+    with PeakMemory("cpu") as peak:
+        start = rss_bytes()
+        x = torch.ones(n)
+        del x
+    out[name] = [peak.rss - start, peak.reset_ok, peak.peak == peak.rss, peak.allocated]
+print(json.dumps(out))
+"""
+
+
 def test_cpu_peak_sees_a_known_allocation_in_bytes_and_resets_between_blocks():
     """256 MiB filled inside the block raise the peak by 256 MiB (bytes, not KiB); a second block with 64 MiB
-    sees 64 MiB, not the first block's peak. Fresh blocks of this size come from mmap and leave on free."""
+    sees 64 MiB, not the first block's peak. In a fresh process (glibc's defaults: blocks this large come from
+    mmap and leave on free), so that memory an earlier test freed cannot serve the allocation unseen."""
+    import json
+    import os
+    import subprocess
+    import sys
+
     import pytest
 
-    from project.memory import MiB, PeakMemory, rss_bytes
+    from llama.checkpoint import REPO_ROOT
+    from project.memory import MiB
 
-    with PeakMemory("cpu") as first:
-        start = rss_bytes()
-        x = torch.ones(64 * MiB)  # 64 Mi float32 = 256 MiB, every page touched
-        del x
-    if not first.reset_ok:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    proc = subprocess.run([sys.executable, "-c", PEAK_PROBE], cwd=REPO_ROOT, env=dict(env, PYTHONPATH=str(REPO_ROOT)),
+                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not got["first"][1]:
         pytest.skip("this kernel does not let a process reset its peak RSS")
-    assert 250 * MiB <= first.rss - start < 256 * MiB + 48 * MiB  # a few pages of start may leave
-    with PeakMemory("cpu") as second:
-        start = rss_bytes()
-        y = torch.ones(16 * MiB)  # 64 MiB
-        del y
-    assert 60 * MiB <= second.rss - start < 64 * MiB + 48 * MiB
-    assert second.peak == second.rss and second.allocated == 0  # on CPU the headline peak is the RSS
+    assert 250 * MiB <= got["first"][0] < 256 * MiB + 48 * MiB  # a few pages of `start` may leave meanwhile
+    assert 60 * MiB <= got["second"][0] < 64 * MiB + 48 * MiB  # the reset forgot the first block's peak
+    assert got["first"][2] and got["first"][3] == 0  # on CPU the headline peak is the RSS

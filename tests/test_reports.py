@@ -484,6 +484,29 @@ def test_phase2_quantized_weights_section(results):
     )
 
 
+def test_phase2_course_table_sets_the_1b_run_beside_the_course_p100_figures(results):
+    """The 1B-shape folder's cells (ours and hf), MB = MiB x 1.048576, × for a configuration that did not finish,
+    and the course's own figures quoted beside them."""
+    folder = results["inference"].parent / phase2.TABLE1_1B_DIR
+    folder.mkdir()
+    done = []
+    for spec, res in inference_done():
+        done.append((spec, res))
+        if spec.kv_cache and res["status"] == "ok":
+            done.append((dataclasses.replace(spec, stack="hf"), res))
+    frame = pd.DataFrame(inference_results.rows(done, INFERENCE_META), columns=inference_results.CSV_COLUMNS)
+    inference_results.write_csv(frame, folder / "results.csv")
+    text = phase2.build(results["reports"], results["inference"], "skip", ENV, [])
+    section = text[text.index("## Table 1 as the course defines it") : text.index("## Table 1 on the default model")]
+    # batch 1, cache on: median wall 1.25 s, median peak 813 MiB = 852.5 MB; the course: 4.54 s, 3230.12 MB
+    assert "| on | 1 | 1.25 | 852 | 813 | 1.25 | 4.54 | 3230.12 |" in section
+    assert "| off | 16 | × (OOM) | × | × | — | 52.46 | 8641.54 |" in section
+    assert "TFLOP of matmuls" in section
+    shutil.rmtree(folder)
+    text = phase2.build(results["reports"], results["inference"], "skip", ENV, [])
+    assert "**No results yet** for the 1B-shape Table 1" in text
+
+
 def test_missing_results_are_said_plainly(tmp_path):
     text2 = phase2.build(tmp_path, tmp_path / "none", "skip", ENV, warnings2 := [])
     assert "**No results yet** for Table 1" in text2 and "python benchmark_inference.py" in text2
