@@ -33,7 +33,7 @@ from llama.errors import UserError
 from llama.runtime import DTYPES
 from project.allocator import release_free_memory
 from project.model.lora import LoRAConfig, apply_lora
-from project.quant import QuantConfig, QuantizedMatmul, quantize, scratch
+from project.quant import QuantConfig, QuantizedMatmul, block_linears, dequantized, quantize
 
 BASES = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
 QUANTIZED = ("int8", "int4")
@@ -103,13 +103,12 @@ class StoredLinear(nn.Module):
             return QuantizedMatmul.apply(x, self)
         if x.dtype == self.weight.dtype:
             return F.linear(x, self.weight)
-        return F.linear(x, self.dequantize(x.dtype, out=scratch(self.weight.shape, x.dtype, x.device)))
+        return F.linear(x, dequantized(self, x.dtype, x.device))
 
 
 def store_linears(model: nn.Module, dtype: torch.dtype) -> int:
     """Replace every nn.Linear of the transformer blocks (LoRA's base layers included) by a StoredLinear."""
-    targets = [(block, name) for block in model.layers.modules() for name, child in block.named_children()
-               if isinstance(child, nn.Linear)]  # fmt: skip
+    targets = block_linears(model)
     for parent, name in targets:
         setattr(parent, name, StoredLinear(getattr(parent, name), dtype))
     return len(targets)

@@ -33,14 +33,18 @@ def _wide(z: torch.Tensor) -> torch.Tensor:
     return z.to(torch.promote_types(z.dtype, torch.float32))
 
 
-def _chunk_grad(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed loss, dloss/dlogits (n, V) fp32) for one chunk: h (n, D), weight (V, D), targets (n,)."""
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """(summed loss, logits z (n, V) fp32, their log-sum-exp (n,)) for one chunk: h (n, D), weight (V, D)."""
     z = _wide(h @ weight.T)
     lse = z.logsumexp(dim=-1)
-    rows = torch.arange(len(targets), device=h.device)
-    loss = (lse - z[rows, targets]).sum()
+    return (lse - z[torch.arange(len(targets), device=h.device), targets]).sum(), z, lse
+
+
+def _chunk_grad(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, dloss/dlogits (n, V) fp32) for one chunk: h (n, D), weight (V, D), targets (n,)."""
+    loss, z, lse = _chunk_loss(h, weight, targets)
     g = z.sub_(lse[:, None]).exp_()  # softmax, in place on the logits
-    g[rows, targets] -= 1
+    g[torch.arange(len(targets), device=h.device), targets] -= 1
     return loss, g
 
 
@@ -54,8 +58,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         if ctx.weight_grad:  # backward recomputes the logits; nothing of size V is kept
             for s in range(0, len(targets), rows):
-                z = _wide(h[s : s + rows] @ weight.T)
-                total += (z.logsumexp(dim=-1) - z[torch.arange(len(z), device=z.device), targets[s : s + rows]]).sum()
+                total += _chunk_loss(h[s : s + rows], weight, targets[s : s + rows])[0]
             ctx.save_for_backward(h, weight, targets)
             return total
         grad_h = torch.empty_like(h)

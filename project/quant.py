@@ -110,10 +110,7 @@ class QuantizedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        layer = ctx.layer
-        w = layer.dequantize(grad_y.dtype, out=scratch((layer.out_features, layer.in_features), grad_y.dtype,
-                                                       grad_y.device))  # fmt: skip
-        return grad_y @ w, None
+        return grad_y @ dequantized(ctx.layer, grad_y.dtype, grad_y.device), None
 
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -133,6 +130,17 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     if buf is None or buf.numel() < n:
         _SCRATCH[key] = buf = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
+
+
+def dequantized(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """layer's weight (out, in) in dtype, dequantized into the scratch buffer: use it before the next layer does."""
+    return layer.dequantize(dtype, out=scratch((layer.out_features, layer.in_features), dtype, device))
+
+
+def block_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every nn.Linear inside the transformer blocks, LoRA's base layers included."""
+    return [(block, name) for block in model.layers.modules() for name, child in block.named_children()
+            if isinstance(child, nn.Linear)]  # fmt: skip
 
 
 class Int8Linear(nn.Module):
@@ -159,7 +167,7 @@ class Int8Linear(nn.Module):
             return QuantizedMatmul.apply(x, self)
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "dequantize" or (x.dtype == torch.float32 and x2.shape[0] > PACKED_MAX_ROWS):
-            return F.linear(x, self.dequantize(x.dtype, out=scratch(self.q.shape, x.dtype, x.device)))
+            return F.linear(x, dequantized(self, x.dtype, x.device))
         y = torch._weight_int8pack_mm(x2.to(self.scales.dtype), self.q, self.scales)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -217,8 +225,7 @@ class Int4Linear(nn.Module):
             return QuantizedMatmul.apply(x, self)
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "dequantize" or (x.dtype == torch.float32 and x2.shape[0] > PACKED_MAX_ROWS):
-            shape = (self.out_features, self.in_features)
-            return F.linear(x, self.dequantize(x.dtype, out=scratch(shape, x.dtype, x.device)))
+            return F.linear(x, dequantized(self, x.dtype, x.device))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2.to(self.scales_zeros.dtype), self.q, self.group_size, self.scales_zeros
         )
@@ -234,8 +241,7 @@ def quantize(model: nn.Module, cfg: QuantConfig) -> str:
         return "weights not quantized"
     weight = next(model.parameters())
     kernel = kernel_for(weight.device, cfg.mode)
-    targets = [(block, name) for block in model.layers.modules() for name, child in block.named_children()
-               if isinstance(child, nn.Linear)]  # fmt: skip
+    targets = block_linears(model)
     if cfg.output and isinstance(model.output, nn.Linear):
         targets.append((model, "output"))
     for parent, name in targets:
