@@ -4,8 +4,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# gpu-check's Python: the project's venv where there is one, else the machine's (a GPU machine's own PyTorch).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
-.PHONY: setup setup-dev run lint test test-all reports
+.PHONY: setup setup-dev run finetune-recipe lint test test-all reports gpu-check
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +28,11 @@ setup-dev: setup $(VENV)/.dev
 run: setup
 	$(PY) inference.py
 
+# The fine-tuning recipe that visibly teaches the default model the Alpaca format (README, "A recipe that learns").
+finetune-recipe: setup
+	$(PY) finetuning.py --optimizer adamw --lr 3e-4 --lr_schedule cosine --warmup_steps 5 --epochs 3 \
+		--lora_targets wq,wk,wv,wo,w1,w2,w3 --out reports/finetune_recipe --run_dir runs/finetune_recipe
+
 lint: setup-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -38,3 +45,8 @@ test-all: lint
 
 reports: setup
 	$(PY) -m project.reports
+
+# On a CUDA machine: the `cuda` tests, then a short Table 1 and Table 3 into reports/gpu/ (about 10 minutes).
+# Installs what is missing where pip can; says what it skipped. Elsewhere it refuses in one line.
+gpu-check:
+	$(GPU_PYTHON) -m project.bench.gpu_check

@@ -45,9 +45,17 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def low_precision_dtype(device: torch.device) -> torch.dtype:
     """The device's 16-bit compute dtype: bf16, except fp16 on GPUs without bf16 (e.g. a P100) and on MPS."""
-    if device.type == "mps" or (device.type == "cuda" and not torch.cuda.is_bf16_supported()):
+    if device.type == "mps" or (device.type == "cuda" and not cuda_has_bf16(device)):
         return torch.float16
     return torch.bfloat16
+
+
+def cuda_has_bf16(device: torch.device) -> bool:
+    """bf16 arithmetic in hardware: NVIDIA compute capability 8.0 (Ampere) and newer, or ROCm.
+
+    Not torch.cuda.is_bf16_supported(): by default it also says yes where bf16 tensors can merely be made,
+    e.g. on a P100 (6.0), which has no bf16 arithmetic; it also asks about the current GPU, not `device`."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
 
 # CPU feature flags (Linux /proc/cpuinfo) that mean 16-bit matrix instructions in hardware.
@@ -67,7 +75,7 @@ def has_native_matmul(device: torch.device, dtype: torch.dtype) -> bool:
     if dtype == torch.float32:
         return True
     if device.type == "cuda":
-        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+        return dtype == torch.float16 or cuda_has_bf16(device)
     if device.type == "mps":
         return dtype == torch.float16
     flags = cpu_flags()
