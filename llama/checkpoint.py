@@ -220,17 +220,25 @@ def atomic_write(path: Path, data: str | bytes | Callable):
     """Write data (text as UTF-8, bytes, or a function given the open binary file) through a temporary file in
     the same folder, then rename it into place: readers never see half a file. Ctrl-C or SIGTERM during the
     write takes effect once it is done (an interrupted torch.save would fail with a C++ error instead)."""
-    path = Path(path)
     if isinstance(data, (str, bytes)):
         payload = data.encode() if isinstance(data, str) else data
         data = lambda f: f.write(payload)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        data(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside path for a writer that wants a file name (atomic_write's rules): renamed to path
+    when the block ends normally, removed when it raises."""
+    path = Path(path)
     with signals_deferred():
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        os.close(fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                data(f)
-                f.flush()
-                os.fsync(f.fileno())
+            yield Path(tmp)
             os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a written file gets the usual mode
             os.replace(tmp, path)
         except BaseException:

@@ -31,6 +31,8 @@ class Llama3Tokenizer:
         from tiktoken.load import load_tiktoken_bpe
 
         ranks = load_tiktoken_bpe(str(model_path))
+        self.model_path = Path(model_path)
+        self.mergeable_ranks = ranks  # token bytes -> rank (= id); llama/export.py writes tokenizer.json from it
         names = [
             "<|begin_of_text|>",
             "<|end_of_text|>",
@@ -129,6 +131,7 @@ class ByteBPETokenizer:
         pattern: str = gpt2_pattern,
         split_digits: bool = False,
         chat_template: str | None = None,
+        ignore_merges: bool = False,
     ):
         import regex
 
@@ -144,6 +147,8 @@ class ByteBPETokenizer:
         self._words = regex.compile(pattern)
         self._b2u = _byte_to_unicode()
         self._u2b = {c: b for b, c in self._b2u.items()}
+        self.chat_template = chat_template
+        self.ignore_merges = ignore_merges  # a word that is a whole token is that token (Llama 3 / tiktoken's rule)
         self.default_system = _chatml_default_system(chat_template)
         self._bpe = lru_cache(maxsize=65536)(self._bpe_uncached)
 
@@ -165,6 +170,7 @@ class ByteBPETokenizer:
             pattern=Llama3Tokenizer.pat_str if pre == "llama-bpe" else cls.gpt2_pattern,
             split_digits=pre in cls.split_digits_pre,
             chat_template=meta.get("tokenizer.chat_template"),
+            ignore_merges=pre == "llama-bpe",  # llama.cpp's rule for this pre-tokeniser
         )
 
     @classmethod
@@ -211,9 +217,12 @@ class ByteBPETokenizer:
             pattern=pattern,
             split_digits=split_digits,
             chat_template=cfg.get("chat_template"),
+            ignore_merges=tj["model"].get("ignore_merges", False),
         )
 
     def _bpe_uncached(self, word: str) -> tuple[int, ...]:
+        if self.ignore_merges and word in self.token_to_id:
+            return (self.token_to_id[word],)
         symbols = list(word)
         while len(symbols) > 1:
             pairs = [(self.merge_ranks.get(p, float("inf")), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
@@ -277,6 +286,7 @@ class SentencePieceTokenizer:
     def __init__(self, model_path: str | Path):
         from sentencepiece import SentencePieceProcessor
 
+        self.model_path = Path(model_path)
         self.sp = SentencePieceProcessor(model_file=str(model_path))
         self.n_words = self.sp.vocab_size()
         self.bos_id = self.sp.bos_id()
