@@ -8,6 +8,7 @@ model's chat format, as in the original recipe.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import urllib.request
 from collections.abc import Sequence
@@ -110,6 +111,32 @@ def validate_records(records: Sequence, on_bad: str = "skip") -> list[dict]:
     if not good:
         raise UserError("no usable records: every record needs non-empty 'instruction' and 'output' strings")
     return good
+
+
+# ---- the held-out split --------------------------------------------------------------------------------------
+def record_key(record: dict) -> str:
+    """A record's place in the split: a hash of its text, so the split does not depend on the file's order."""
+    text = "\x00".join(record.get(k, "") for k in ("instruction", "input", "output"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def split_heldout(records: Sequence[dict], n_heldout: Optional[int] = None) -> tuple[list[dict], list[dict], list[int]]:
+    """(training records, held-out records, held-out indices into records): the n_heldout records (default a
+    tenth, rounded down) with the smallest record_key are held out, the rest train, each list in file order.
+    Identical duplicates of a held-out record are held out with it, so no held-out text is ever trained on."""
+    if n_heldout is None:
+        n_heldout = len(records) // 10
+    if n_heldout < 0:
+        raise UserError(f"--heldout must be 0 or more, not {n_heldout}")
+    if n_heldout >= len(records):
+        raise UserError(f"--heldout {n_heldout} leaves no training records (there are {len(records)}); lower it")
+    keys = [record_key(r) for r in records]
+    held_keys = set(sorted(set(keys))[:n_heldout])
+    held = [i for i, k in enumerate(keys) if k in held_keys]
+    train = [r for r, k in zip(records, keys) if k not in held_keys]
+    if not train:
+        raise UserError(f"--heldout {n_heldout} leaves no training records; lower it")
+    return train, [records[i] for i in held], held
 
 
 # ---- tokenising ----------------------------------------------------------------------------------------------

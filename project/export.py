@@ -1,4 +1,9 @@
-"""LoRA adapters in peft's format, so that a run made here loads in transformers + peft (and one made there here).
+"""What a fine-tuning run leaves for other tools: the adapter in peft's format, the merged model as a Hugging Face
+folder or a GGUF file (llama/export.py writes those two), from a finished run or at the end of one.
+
+    python -m project.export --run_dir runs/finetune --formats hf,gguf     # export an existing run
+
+LoRA adapters in peft's format, so that a run made here loads in transformers + peft (and one made there here).
 
 peft's folder: `adapter_config.json` (r, lora_alpha, target_modules, ...) and `adapter_model.safetensors` with
 tensors named `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (A: (r, in), B: (out, r)).
@@ -16,9 +21,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llama.checkpoint import atomic_write, interleaved_to_rotate_half, rotate_half_to_interleaved
+from llama.checkpoint import ModelSource, atomic_write, interleaved_to_rotate_half, rotate_half_to_interleaved
 from llama.errors import UserError
-from project.model.lora import TARGETS, LoRAConfig, LoRALinear, lora_modules
+from llama.export import GGUF_TYPES, save_gguf, save_hf_folder
+from llama.runtime import log
+from project.cli import name_list, run, writable_dir
+from project.model.lora import (
+    TARGETS,
+    LoRAConfig,
+    LoRALinear,
+    adapter_config,
+    apply_lora,
+    load_adapter,
+    lora_modules,
+    merge_lora,
+)
+
+EXPORT_FORMATS = ("peft", "hf", "gguf")
 
 HF_MODULES = {  # our projection -> (HF module path inside a decoder layer)
     "wq": "self_attn.q_proj",
@@ -114,3 +133,66 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
             module.lora_A.copy_(a)
             module.lora_B.copy_(b)
     return cfg
+
+
+# ---- a run's exports ---------------------------------------------------------------------------------------
+def export_run(
+    model: nn.Module,
+    tokenizer,
+    lora: LoRAConfig | None,
+    formats: tuple[str, ...],
+    run_dir: Path,
+    base_model: str,
+    gguf_type: str = "f16",
+):
+    """Write each of formats under run_dir: peft_adapter/, hf/, model.gguf. hf and gguf merge the adapter into
+    the weights first (in place: the model is left merged)."""
+    if "peft" in formats:
+        save_peft_adapter(model, run_dir / "peft_adapter", lora, base_model=base_model)
+        log(f"peft adapter written to {run_dir / 'peft_adapter'} (PeftModel.from_pretrained loads it)")
+    if {"hf", "gguf"} & set(formats) and lora:
+        merge_lora(model)
+    if "hf" in formats:
+        save_hf_folder(model, tokenizer, run_dir / "hf")
+        log(f"merged model written to {run_dir / 'hf'} (AutoModelForCausalLM.from_pretrained and --ckpt_dir load it)")
+    if "gguf" in formats:
+        save_gguf(model, tokenizer, run_dir / "model.gguf", gguf_type)
+        log(f"merged model written to {run_dir / 'model.gguf'} ({gguf_type}; llama.cpp and --ckpt_dir load it)")
+
+
+def main(
+    run_dir: str = "runs/finetune",
+    formats: str = "hf,gguf",
+    ckpt_dir: str | None = None,
+    shape: str | None = None,
+    seed: int = 0,
+    gguf_type: str = "f16",
+):
+    """Export a finished run: its adapter.pt on the base model it was trained on (--ckpt_dir / --shape, as given
+    to finetuning.py, with its --seed for a random --shape; default the embedded model), or the full fine-tune
+    it saved in run_dir/model."""
+    run_path = Path(run_dir)
+    wanted = name_list(formats)
+    if not wanted or [f for f in wanted if f not in EXPORT_FORMATS]:
+        raise UserError(f"--formats takes any of {', '.join(EXPORT_FORMATS)}, not {formats!r}")
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"--gguf_type must be one of {', '.join(GGUF_TYPES)}, not {gguf_type!r}")
+    adapter, full = run_path / "adapter.pt", run_path / "model"
+    if not adapter.exists() and not full.exists():
+        raise UserError(f"{run_path} has neither adapter.pt (LoRA run) nor model/ (full fine-tune): nothing to export")
+    writable_dir(run_dir, "--run_dir")
+    if adapter.exists():
+        source = ModelSource(ckpt_dir, shape, seed)
+        model, tokenizer = source.load(torch.float32, torch.device("cpu"))
+        cfg = adapter_config(adapter)
+        load_adapter(apply_lora(model, cfg), adapter)
+    else:
+        if "peft" in wanted:
+            raise UserError(f"{run_path} is a full fine-tune: there is no adapter to write in peft's format")
+        source, cfg = ModelSource(str(full), None), None
+        model, tokenizer = source.load(torch.float32, torch.device("cpu"))
+    export_run(model, tokenizer, cfg, wanted, run_path, source.name, gguf_type)
+
+
+if __name__ == "__main__":
+    run(main)

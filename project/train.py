@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -26,11 +26,26 @@ from llama.errors import UserError
 from llama.runtime import DTYPES, log
 
 from .data import IGNORE_INDEX, Dataset, collate
+from .distributed import (
+    SINGLE,
+    STATE_DIR,
+    Ranks,
+    all_sum,
+    full_norm,
+    gradient_sync,
+    load_state,
+    local_bytes,
+    rank_slice,
+    read_meta,
+    save_state,
+    unwrapped,
+)
 from .loss import linear_cross_entropy
 from .memory import memory_in_use
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -46,6 +61,9 @@ class TrainConfig:
     precision: str = "fp32"  # autocast dtype; weights stay fp32
     seed: int = 0
     save_every: int = 10  # optimizer steps between checkpoints (and one at the end)
+    lr_schedule: str = "constant"  # after warm-up: constant, cosine or linear decay to 0 at the last step
+    warmup_steps: int = 0  # optimizer steps of linear warm-up from lr / (warmup_steps + 1) to lr
+    eval_every: int = 10  # optimizer steps between held-out evaluations (also before the first and after the last)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -58,6 +76,23 @@ class TrainConfig:
             raise UserError("--max_steps must be at least 1")
         if not self.lr > 0:
             raise UserError("--lr must be positive")
+        if self.lr_schedule not in SCHEDULES:
+            raise UserError(f"--lr_schedule must be one of {', '.join(SCHEDULES)}, not {self.lr_schedule!r}")
+        if self.warmup_steps < 0 or self.eval_every < 1:
+            raise UserError("--warmup_steps must be 0 or more and --eval_every at least 1")
+
+
+def lr_at(step: int, n_steps: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step `step` (1-based) of n_steps: linear warm-up, then the schedule."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / (cfg.warmup_steps + 1)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    # Decay from lr at the first step after warm-up to 0 after the last (so the last step still moves).
+    done = (step - cfg.warmup_steps - 1) / max(1, n_steps - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1 - done)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * done))
 
 
 # ---- loss and one optimizer step -----------------------------------------------------------------------
@@ -76,6 +111,18 @@ def loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) ->
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     return linear_cross_entropy(h[keep], model.output.weight, targets[keep])
+
+
+class NextTokenLoss(nn.Module):
+    """The model with its training loss as forward: (input_ids, labels) (B, T) -> summed loss. The unit DDP and
+    FSDP wrap, since the output projection is used inside the loss, outside the model's own forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_sum(self.model, input_ids, labels)
 
 
 def autocast(device: torch.device, precision: str):
@@ -103,43 +150,54 @@ class StepResult:
     skipped: bool  # the GradScaler found inf/NaN gradients and skipped the update
     grad_norm: Optional[float] = None
     scale: float = 1.0
+    grad_bytes: int = 0  # gradients this rank held before the update (its shards under FSDP)
 
 
 def train_step(
-    model: nn.Module,
+    net: nn.Module,
     micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     precision: str,
     grad_clip: Optional[float] = None,
+    ranks: Ranks = SINGLE,
 ) -> StepResult:
-    """One optimizer step over micro_batches [(input_ids (B, T), labels (B, T)), ...] already on the device."""
-    n_labels = sum(label_tokens(labels) for _, labels in micro_batches)
+    """One optimizer step over micro_batches [(input_ids (B, T), labels (B, T)), ...] already on the device.
+
+    net: NextTokenLoss(model), or DDP / FSDP around it (then micro_batches are this rank's share of the window,
+    and the loss, label and token counts are those of the whole window)."""
+    n_labels = int(all_sum(sum(label_tokens(labels) for _, labels in micro_batches), ranks))
     total = 0.0
-    for input_ids, labels in micro_batches:
-        total += micro_batch_backward(model, input_ids, labels, n_labels, scaler, precision)
+    for i, (input_ids, labels) in enumerate(micro_batches):
+        with gradient_sync(net, ranks, sync=i == len(micro_batches) - 1):  # once per step, at the last
+            total += micro_batch_backward(net, input_ids, labels, n_labels, scaler, precision, ranks.world)
+    grad_bytes = local_bytes(p.grad for group in optimizer.param_groups for p in group["params"])
     skipped, grad_norm, scale = optimizer_update(optimizer, scaler, grad_clip)
     tokens = sum(int((labels != IGNORE_INDEX).sum()) + _prompt_tokens(labels) for _, labels in micro_batches)
-    return StepResult(total, n_labels, tokens, skipped, grad_norm, scale)
+    total, tokens = all_sum(total, ranks), int(all_sum(tokens, ranks))
+    return StepResult(total, n_labels, tokens, skipped, grad_norm, scale, grad_bytes)
 
 
 def micro_batch_backward(
-    model: nn.Module,
+    net: nn.Module,
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     n_labels: int,
     scaler: torch.amp.GradScaler,
     precision: str,
+    world: int = 1,
 ) -> float:
-    """Forward and backward of one micro-batch (B, T); adds its gradients to .grad, returns its loss share."""
+    """Forward and backward of one micro-batch (B, T) through net (a NextTokenLoss, maybe wrapped); adds its
+    gradients to .grad, returns its loss share."""
     with autocast(input_ids.device, precision):
-        summed = loss_sum(model, input_ids, labels)
+        summed = net(input_ids, labels)
     # Divide by the label tokens of the whole accumulation window (n_labels), not of this micro-batch:
     # the summed gradients are then those of the mean loss over every label token of the window, i.e.
     # exactly the gradient of one batch holding all the window's examples (per-micro-batch means
-    # would over-weight the tokens of short examples).
+    # would over-weight the tokens of short examples). DDP and FSDP average over the `world` ranks' gradients
+    # where the window's gradient is their sum: multiplying by world undoes that.
     loss = summed / n_labels
-    scaler.scale(loss).backward()
+    scaler.scale(loss * world if world > 1 else loss).backward()
     return loss.item()
 
 
@@ -151,7 +209,7 @@ def optimizer_update(
     grad_norm = None
     if grad_clip:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = float(nn.utils.clip_grad_norm_(params, grad_clip))
+        grad_norm = full_norm(nn.utils.clip_grad_norm_(params, grad_clip))
     scale = scaler.get_scale()
     scaler.step(optimizer)  # skips optimizer.step() if any gradient is inf/NaN
     scaler.update()  # ... and then lowers the scale
@@ -164,6 +222,25 @@ def _prompt_tokens(labels: torch.Tensor) -> int:
     """Prompt tokens per row: those before the first label (padding sits after the last label)."""
     first = (labels != IGNORE_INDEX).int().argmax(dim=1)
     return int(first.sum())
+
+
+# ---- held-out evaluation ----------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(net: nn.Module, dataset: Dataset, pad_id: int, device: torch.device, cfg: TrainConfig) -> dict:
+    """Held-out loss: the mean next-token cross-entropy over every label token of dataset (dropout off),
+    and its perplexity exp(loss). net: a NextTokenLoss, maybe wrapped (every rank then evaluates all of
+    dataset). The model is left in the mode it was in."""
+    was_training = net.training
+    net.eval()
+    total, n_labels = 0.0, 0
+    for i in range(0, len(dataset), cfg.batch_size):
+        input_ids, labels = (t.to(device) for t in collate(dataset.examples[i : i + cfg.batch_size], pad_id))
+        with autocast(device, cfg.precision):
+            total += float(net(input_ids, labels))
+        n_labels += label_tokens(labels)
+    net.train(was_training)
+    loss = total / n_labels
+    return {"loss": loss, "perplexity": math.exp(loss), "label_tokens": n_labels}
 
 
 # ---- data order ------------------------------------------------------------------------------------------
@@ -207,19 +284,24 @@ def save_training_state(path: Path, model, optimizer, scaler, cfg: TrainConfig, 
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def check_settings(saved: dict, cfg: TrainConfig, path: Path):
+    """Refuse to resume a checkpoint made with settings that change what the remaining steps do."""
+    now, defaults = asdict(cfg), asdict(TrainConfig())  # checkpoints older than a setting hold its default
+    keys = ("lr", "optimizer", "batch_size", "grad_accum", "precision", "seed", "lr_schedule", "warmup_steps")
+    differs = [k for k in keys if saved.get(k, defaults[k]) != now[k]]
+    if differs:
+        raise UserError(
+            f"--resume: {path} was made with other settings "
+            f"({', '.join(f'{k}={saved.get(k, defaults[k])}' for k in differs)}); "
+            "rerun with the same flags, or without --resume to start again"
+        )
+
+
 def load_training_state(path: Path, model, optimizer, scaler, cfg: TrainConfig) -> int:
     """Restore a checkpoint written by save_training_state; returns the optimizer steps already done."""
     keys = ("step", "config", "trainable", "optimizer", "scaler", "rng_cpu", "rng_cuda")
     state = load_torch_file(path, "the training state to resume from,", keys)
-    saved = state["config"]
-    differs = [
-        k for k in ("lr", "optimizer", "batch_size", "grad_accum", "precision", "seed") if saved[k] != asdict(cfg)[k]
-    ]
-    if differs:
-        raise UserError(
-            f"--resume: {path} was made with other settings ({', '.join(f'{k}={saved[k]}' for k in differs)}); "
-            "rerun with the same flags, or without --resume to start again"
-        )
+    check_settings(state["config"], cfg, path)
     params = dict(model.named_parameters())
     if set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
         raise UserError(f"--resume: {path} holds other trainable weights (different --lora settings?)")
@@ -241,8 +323,21 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def eval_log_path(log_path: Path) -> Path:
+    """Where train() writes the held-out evaluations beside the step log: one JSON line per evaluation."""
+    return log_path.with_name("eval_log.jsonl")
+
+
+def keep_logged(path: Path, step: int) -> list[dict]:
+    """Cut a log back to the steps the weights have seen (an interrupted run may have logged more)."""
+    kept = [r for r in read_log(path) if r["step"] <= step]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
 def train(
-    model: nn.Module,
+    net: nn.Module,
     dataset: Dataset,
     pad_id: int,
     cfg: TrainConfig,
@@ -251,39 +346,80 @@ def train(
     checkpoint_path: Path,
     resume: bool = False,
     step_fn: Callable = train_step,
+    heldout: Optional[Dataset] = None,
+    ranks: Ranks = SINGLE,
 ) -> list[dict]:
-    """Train in place; one JSON line per optimizer step in log_path. Returns the log records of this run."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Train net (NextTokenLoss(model), or DDP / FSDP around it) in place; one JSON line per optimizer step in
+    log_path. Returns the log records of this run.
+
+    With heldout, its loss is measured before the first step, every cfg.eval_every steps and after the last,
+    into eval_log_path(log_path). Under ranks, cfg.grad_accum is per rank: the windows are those of one process
+    accumulating ranks.world times as many micro-batches, the checkpoint is the folder `STATE_DIR` beside
+    checkpoint_path, and only rank 0 logs.
+    """
+    params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise UserError("nothing to train: every parameter is frozen")
     optimizer = make_optimizer(params, cfg)
     scaler = make_scaler(device, cfg.precision)
-    n_total = total_steps(len(dataset), cfg)
-    per_epoch = steps_per_epoch(len(dataset), cfg)
+    window_cfg = replace(cfg, grad_accum=cfg.grad_accum * ranks.world)  # what one optimizer step consumes
+    n_total = total_steps(len(dataset), window_cfg)
+    per_epoch = steps_per_epoch(len(dataset), window_cfg)
+    state_dir = checkpoint_path.with_name(STATE_DIR)
+
+    def save(step):
+        if ranks.on:
+            save_state(state_dir, net, optimizer, scaler, {"step": step, "config": asdict(window_cfg)}, ranks)
+        else:
+            save_training_state(checkpoint_path, unwrapped(net).model, optimizer, scaler, cfg, step)
+
     step = 0
     if resume:
-        if not checkpoint_path.exists():
-            raise UserError(f"--resume: no checkpoint at {checkpoint_path}; run without --resume to start")
-        step = load_training_state(checkpoint_path, model, optimizer, scaler, cfg)
-        log(f"resuming from {checkpoint_path} after optimizer step {step} of {n_total}")
-    # The log keeps exactly the steps the weights have seen (an interrupted run may have logged more).
-    kept = [r for r in read_log(log_path) if r["step"] <= step]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if ranks.on:
+            check_settings(read_meta(state_dir)["config"], window_cfg, state_dir)
+            step = load_state(state_dir, net, optimizer, scaler, ranks)["step"]
+        else:
+            if not checkpoint_path.exists():
+                raise UserError(f"--resume: no checkpoint at {checkpoint_path}; run without --resume to start")
+            step = load_training_state(checkpoint_path, unwrapped(net).model, optimizer, scaler, cfg)
+        if ranks.main:
+            log(f"resuming from {state_dir if ranks.on else checkpoint_path} after optimizer step {step} of {n_total}")
+    evals = []
+    if ranks.main:
+        keep_logged(log_path, step)
+        evals = keep_logged(eval_log_path(log_path), step) if heldout else []
+    eval_postfix = {"heldout": f"{evals[-1]['loss']:.4f}"} if evals else {}
 
-    model.train()
+    def evaluate_now(bar):
+        result = evaluate(net, heldout, pad_id, device, cfg)
+        if ranks.main:
+            with open(eval_log_path(log_path), "a") as f:
+                f.write(json.dumps({"step": step, **result}) + "\n")
+            eval_postfix["heldout"] = f"{result['loss']:.4f}"
+            bar.write(f"step {step}: held-out loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")
+
+    net.train()
     records = []
     start = time.perf_counter()
-    bar = tqdm(total=n_total, initial=step, desc="fine-tuning", unit="step", dynamic_ncols=True)
-    with bar, open(log_path, "a") as log_file:  # the bar is closed before an error or "interrupted" is printed
+    bar = tqdm(total=n_total, initial=step, desc="fine-tuning", unit="step", dynamic_ncols=True, disable=not ranks.main)
+    log_file = open(log_path, "a") if ranks.main else contextlib.nullcontext()
+    with bar, log_file:  # the bar is closed before an error or "interrupted" is printed
+        if heldout and step == 0:
+            evaluate_now(bar)
         while step < n_total:
             epoch, index = divmod(step, per_epoch)
-            window = epoch_windows(len(dataset), cfg, epoch)[index]
-            batches = [
-                tuple(t.to(device) for t in collate([dataset.examples[i] for i in micro], pad_id)) for micro in window
-            ]
+            window = epoch_windows(len(dataset), window_cfg, epoch)[index]
+            mine = rank_slice(window, ranks, cfg.grad_accum)
+            batches = [tuple(t.to(device) for t in collate([dataset.examples[i] for i in m], pad_id)) for m in mine]
+            # A short last window leaves some ranks fewer micro-batches; every rank must run as many forward and
+            # backward passes (FSDP gathers weights in each), so they make up the count with label-free ones.
+            blank = (torch.full((1, 2), pad_id, device=device), torch.full((1, 2), IGNORE_INDEX, device=device))
+            batches += [blank] * (min(cfg.grad_accum, len(window)) - len(batches))
+            lr = lr_at(step + 1, n_total, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             t0 = time.perf_counter()
-            result = step_fn(model, batches, optimizer, scaler, cfg.precision, cfg.grad_clip)
+            result = step_fn(net, batches, optimizer, scaler, cfg.precision, cfg.grad_clip, ranks)
             seconds = time.perf_counter() - t0
             step += 1
             record = {
@@ -294,24 +430,38 @@ def train(
                 "tokens": result.tokens,
                 "step_s": round(seconds, 4),
                 "tokens_per_s": round(result.tokens / seconds, 2),
-                "lr": cfg.lr,
+                "lr": lr,
                 "skipped": result.skipped,
                 "grad_norm": result.grad_norm,
                 "loss_scale": result.scale,
                 "memory_bytes": memory_in_use(device),
                 "elapsed_s": round(time.perf_counter() - start, 3),
+                # what rank 0 holds: FSDP shards parameters and gradients over the ranks
+                **(
+                    {
+                        "ranks": ranks.world,
+                        "param_bytes": local_bytes(net.parameters()),
+                        "grad_bytes": result.grad_bytes,
+                    }
+                    if ranks.on
+                    else {}
+                ),
             }
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
             records.append(record)
+            if ranks.main:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
             bar.update(1)
             bar.set_postfix(
                 loss=f"{result.loss:.4f}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
                 mem=f"{record['memory_bytes'] / 2**30:.2f}GiB",
+                **eval_postfix,
                 **({"skipped": "yes"} if result.skipped else {}),
             )
+            if heldout and (step % cfg.eval_every == 0 or step == n_total):
+                evaluate_now(bar)
             if step % cfg.save_every == 0 or step == n_total:
-                save_training_state(checkpoint_path, model, optimizer, scaler, cfg, step)
-    model.eval()
+                save(step)
+    net.eval()
     return records

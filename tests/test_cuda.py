@@ -30,7 +30,7 @@ from project.bench.inference.measure import measure
 from project.data import IGNORE_INDEX, build_dataset, collate
 from project.memory import MiB, PeakMemory, memory_in_use, memory_timeline, parameter_bytes
 from project.model.lora import LoRAConfig, apply_lora
-from project.train import make_scaler, train_step
+from project.train import NextTokenLoss, make_scaler, train_step
 
 CUDA = torch.device("cuda")
 NO_GPU = f"needs a CUDA GPU: this PyTorch ({torch.__version__}) sees none; `make gpu-check` runs it on a GPU machine"
@@ -91,7 +91,7 @@ def test_cuda_mixed_precision_steps_lower_the_loss(precision):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     scaler = make_scaler(CUDA, precision)
     assert scaler.is_enabled() == (precision == "fp16")
-    losses = [train_step(model, [batch(CUDA)], opt, scaler, precision).loss for _ in range(6)]
+    losses = [train_step(NextTokenLoss(model), [batch(CUDA)], opt, scaler, precision).loss for _ in range(6)]
     assert losses[0] == pytest.approx(expected, rel=2e-2)
     assert losses[-1] < losses[0] - 0.05, losses
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -111,10 +111,12 @@ def test_cuda_fp16_overflowing_step_is_skipped():
     before = [p.detach().clone() for p in params]
     opt = torch.optim.SGD(params, lr=0.5)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**100)
-    result = train_step(model, [batch(CUDA)], opt, scaler, "fp16")
+    result = train_step(NextTokenLoss(model), [batch(CUDA)], opt, scaler, "fp16")
     assert result.skipped and scaler.get_scale() == 2.0**99
     assert all(torch.equal(p, b) for p, b in zip(params, before))
-    assert not train_step(model, [batch(CUDA)], opt, torch.amp.GradScaler("cuda", init_scale=2.0**8), "fp16").skipped
+    assert not train_step(
+        NextTokenLoss(model), [batch(CUDA)], opt, torch.amp.GradScaler("cuda", init_scale=2.0**8), "fp16"
+    ).skipped
     assert not all(torch.equal(p, b) for p, b in zip(params, before))
 
 

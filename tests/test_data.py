@@ -15,6 +15,7 @@ from project.data import (
     build_dataset,
     collate,
     find_dataset,
+    split_heldout,
     tokenize_record,
     validate_records,
 )
@@ -128,3 +129,32 @@ def test_find_dataset_order_and_download(tmp_path, monkeypatch):
     local.unlink()
     with pytest.raises(UserError, match="cannot download"):
         find_dataset(url=(tmp_path / "nowhere.json").as_uri())
+
+
+# ---- the held-out split ------------------------------------------------------------------------------------
+def _records(n):
+    return [{"instruction": f"Task {i}.", "input": "", "output": f"answer {i}"} for i in range(n)]
+
+
+def test_heldout_split_is_deterministic_disjoint_and_independent_of_order():
+    records = _records(50)
+    train, held, indices = split_heldout(records, 7)
+    assert len(held) == 7 and len(train) == 43 and [records[i] for i in indices] == held
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in held}
+    assert split_heldout(records, 7) == (train, held, indices)  # deterministic
+    shuffled = records[::-1]  # the same records, another order: the same ones are held out
+    assert {r["instruction"] for r in split_heldout(shuffled, 7)[1]} == {r["instruction"] for r in held}
+    assert len(split_heldout(records)[1]) == 5  # default: a tenth
+
+
+def test_heldout_duplicates_go_together_and_bad_counts_are_refused():
+    records = _records(10)
+    train, held, _ = split_heldout(records, 1)
+    twin = dict(held[0])
+    train2, held2, _ = split_heldout(records + [twin], 1)
+    assert held2 == [held[0], twin] and train2 == train  # a copy of a held-out record is never trained on
+    assert split_heldout(records, 0) == (records, [], [])
+    with pytest.raises(UserError, match="leaves no training records"):
+        split_heldout(records, 10)
+    with pytest.raises(UserError, match="0 or more"):
+        split_heldout(records, -1)

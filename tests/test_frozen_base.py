@@ -14,7 +14,16 @@ from project.data import build_dataset, collate
 from project.frozen_base import StoredLinear, load_dtype, prepare, resolve_base
 from project.model.lora import LoRAConfig
 from project.quant import Int4Linear, Int8Linear
-from project.train import TrainConfig, autocast, label_tokens, loss_sum, make_optimizer, make_scaler, train_step
+from project.train import (
+    NextTokenLoss,
+    TrainConfig,
+    autocast,
+    label_tokens,
+    loss_sum,
+    make_optimizer,
+    make_scaler,
+    train_step,
+)
 
 LORA = LoRAConfig(dropout=0.0)
 
@@ -120,7 +129,7 @@ def test_lora_on_a_low_precision_base_lowers_the_loss_on_a_repeated_batch(base):
     scaler = make_scaler(torch.device("cpu"), precision)
     frozen = {n: t.clone() for n, t in model.state_dict().items() if "lora_" not in n}
     ids, labels = batch()
-    losses = [train_step(model, [(ids, labels)], optimizer, scaler, precision).loss for _ in range(12)]
+    losses = [train_step(NextTokenLoss(model), [(ids, labels)], optimizer, scaler, precision).loss for _ in range(12)]
     assert max(losses[-3:]) < 0.8 * losses[0], losses
     after = model.state_dict()
     assert all(torch.equal(after[n], t) for n, t in frozen.items())  # the base never moved

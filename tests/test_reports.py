@@ -187,7 +187,12 @@ def write_finetune_run(folder: Path):
         "versions": {"python": "3.x", "torch": "2.x", "numpy": "1.x"},
         "command": "python finetuning.py --max_steps 8",
     }
-    samples = [{"instruction": "Name a colour.", "before": "colour colour", "after": "Blue."}]
+    samples = [
+        {"instruction": "Name a colour.", "set": "trained on", "before": "colour colour", "after": "Blue."},
+        {"instruction": "Say hi.", "set": "held out", "before": "hi hi hi", "after": "Hi!"},
+    ]
+    for sample, before, after in zip(samples, (True, False), (True, True)):  # ended with EOS within the limit?
+        sample.update(before_stopped=before, after_stopped=after)
     write_run_report(folder, summary, steps, samples)
 
 
@@ -542,7 +547,8 @@ def test_phase3_run_comes_from_summary_log_and_samples(results):
     assert "lowest loss 1.8000 at step 8" in text
     t_loss = table_after(text, "## Training loss")
     assert [t_loss[str(i + 1)][1] for i in range(len(LOSSES))] == [f"{x:.4f}" for x in LOSSES]
-    assert "| Name a colour. | colour colour | Blue. |" in text
+    assert "| Name a colour. | trained on | colour colour | Blue. |" in text
+    assert "| Say hi. | held out | hi hi hi<br>*(no EOS: cut at the token limit)* | Hi! |" in text
     assert "1,703,936" in text and "— the same." in text
 
 
@@ -653,3 +659,28 @@ def test_build_all_writes_markdown_and_pdfs(results):
     phase3_pdf = (results["reports"] / "phase_3.pdf").read_bytes()
     assert len(re.findall(rb"/Subtype\s*/Image", phase3_pdf)) >= 3  # the loss curve and the benchmark's plots
     assert (results["reports"] / "figures" / "phase_3_loss.png").exists()
+
+
+def test_phase3_sets_the_course_run_beside_the_recipe(results):
+    """Both runs' rows come from their own files: held-out losses from eval_log.jsonl, EOS counts from samples."""
+    recipe = results["finetune"].parent / "finetune_recipe"
+    recipe.mkdir()
+    for name in ("summary.json", "train_log.jsonl", "samples.json"):
+        (recipe / name).write_bytes((results["finetune"] / name).read_bytes())
+    evals = [{"step": 0, "loss": 2.0, "perplexity": 7.389, "label_tokens": 50}]
+    evals += [{"step": 8, "loss": 1.5, "perplexity": 4.482, "label_tokens": 50}]
+    (recipe / "eval_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    barely = [evals[0], {**evals[0], "step": 8, "loss": 1.99995}]  # a change four decimals would show as zero
+    (results["finetune"] / "eval_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in barely))
+    text = phase3.build(results["reports"], results["finetune"], results["bench"], ENV, [], recipe)
+    rows = table_after(text, "## The course's setting beside a recipe that learns")
+    course, learned = rows["held-out loss"][1:]
+    assert course.startswith("2.0000 → **1.9999** (-5.0e-05)") and "perplexity 7.39 → 7.39" in course
+    assert learned.startswith("2.0000 → **1.5000** (-0.5000)") and "perplexity 7.39 → 4.48" in learned
+    assert rows["sample outputs ending with EOS (before → after)"][1] == "1 → 2 of 2"
+    assert rows["sample outputs unchanged by training"][1] == "0 of 2"
+    assert (results["reports"] / "figures" / "phase_3_heldout.png").stat().st_size > 0
+    assert "the held-out loss changed by -5.0e-05 (-0.0025 %)" in text
+    (recipe / "summary.json").unlink()
+    text = phase3.build(results["reports"], results["finetune"], results["bench"], ENV, [], recipe)
+    assert "**No results yet** for the recipe run" in text and "make finetune-recipe" in text

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import subprocess
 import sys
 
@@ -18,7 +19,18 @@ from project.checkpointing import apply_checkpointing, checkpoint_blocks
 from project.data import IGNORE_INDEX, build_dataset, collate
 from project.memory import SavedTensorMeter
 from project.model.lora import LoRAConfig, apply_lora
-from project.train import TrainConfig, label_tokens, loss_sum, make_scaler, train, train_step
+from project.train import (
+    NextTokenLoss,
+    TrainConfig,
+    evaluate,
+    label_tokens,
+    loss_sum,
+    lr_at,
+    make_scaler,
+    read_log,
+    train,
+    train_step,
+)
 
 
 class RecordGrads(torch.optim.SGD):
@@ -51,7 +63,7 @@ def test_accumulated_gradients_equal_one_big_batch():
     model.requires_grad_(True)
     opt = RecordGrads(model.parameters(), lr=0.0)
     micro = [collate([e], PAD) for e in exs]  # 4 micro-batches of 1, each its own length
-    train_step(model, micro, opt, make_scaler(torch.device("cpu"), "fp32"), "fp32")
+    train_step(NextTokenLoss(model), micro, opt, make_scaler(torch.device("cpu"), "fp32"), "fp32")
     accumulated = {n: opt.seen[id(p)] for n, p in model.named_parameters()}
 
     ids, labels = collate(exs, PAD)  # one batch of 4, right-padded
@@ -134,7 +146,7 @@ def test_mixed_precision_step_lowers_the_loss_on_a_repeated_batch(precision):
     opt = torch.optim.SGD(params, lr=0.5)
     scaler = make_scaler(cpu, precision)
     assert scaler.is_enabled() == (precision == "fp16")
-    losses = [train_step(model, batch, opt, scaler, precision).loss for _ in range(6)]
+    losses = [train_step(NextTokenLoss(model), batch, opt, scaler, precision).loss for _ in range(6)]
     assert losses[-1] < losses[0] - 0.05, losses
     # Master and LoRA weights stay fp32 whatever the autocast dtype.
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -151,12 +163,12 @@ def test_an_overflowing_fp16_step_is_skipped_by_the_scaler():
     opt = torch.optim.SGD(params, lr=0.5)
     # A loss scale of 2^100 overflows fp16 (max 65504) in the backward pass's fp16 matmuls.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
-    result = train_step(model, [collate(examples(2), PAD)], opt, scaler, "fp16")
+    result = train_step(NextTokenLoss(model), [collate(examples(2), PAD)], opt, scaler, "fp16")
     assert result.skipped and scaler.get_scale() == 2.0**99
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     # With a sane scale the next step is applied.
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    assert not train_step(model, [collate(examples(2), PAD)], opt, scaler, "fp16").skipped
+    assert not train_step(NextTokenLoss(model), [collate(examples(2), PAD)], opt, scaler, "fp16").skipped
     assert not all(torch.equal(p, b) for p, b in zip(params, before))
 
 
@@ -177,10 +189,49 @@ def test_grad_clip_under_fp16_clips_the_unscaled_gradients():
     before = [p.detach().clone() for p in params]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     clip = true_norm / 10
-    result = train_step(model, [(ids, labels)], torch.optim.SGD(params, lr=1.0), scaler, "fp16", grad_clip=clip)
+    result = train_step(
+        NextTokenLoss(model), [(ids, labels)], torch.optim.SGD(params, lr=1.0), scaler, "fp16", grad_clip=clip
+    )
     assert not result.skipped and result.grad_norm == pytest.approx(true_norm, rel=1e-3)
     moved = torch.linalg.vector_norm(torch.stack([(p - b).norm() for p, b in zip(params, before)])).item()
     assert moved == pytest.approx(clip, rel=1e-3)
+
+
+# ---- learning-rate schedule and held-out evaluation ---------------------------------------------------------
+def test_lr_schedules_by_hand():
+    """lr 1, 2 warm-up steps (1/3, 2/3), then 4 decay steps whose fraction done is 0, 1/4, 2/4, 3/4."""
+    steps = range(1, 7)
+    warm = [1 / 3, 2 / 3]
+    const = TrainConfig(lr=1.0, warmup_steps=2)
+    linear = TrainConfig(lr=1.0, warmup_steps=2, lr_schedule="linear")
+    cosine = TrainConfig(lr=1.0, warmup_steps=2, lr_schedule="cosine")
+    assert [lr_at(s, 6, const) for s in steps] == pytest.approx(warm + [1, 1, 1, 1])
+    assert [lr_at(s, 6, linear) for s in steps] == pytest.approx(warm + [1, 0.75, 0.5, 0.25])
+    half = 0.5 * (1 + 2**-0.5)  # cos(pi/4) = 1/sqrt(2)
+    assert [lr_at(s, 6, cosine) for s in steps] == pytest.approx(warm + [1, half, 0.5, 1 - half])
+    assert lr_at(3, 3, TrainConfig(lr=2.0)) == 2.0
+    with pytest.raises(UserError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+
+
+def test_heldout_loss_is_the_token_weighted_mean_and_leaves_the_mode():
+    """evaluate() against the cross-entropy written out per example, weighted by each one's label tokens,
+    with dropout on in training mode (evaluate must turn it off) and batches of 2 with padding."""
+    model = apply_lora(tiny_model(seed=3), LoRAConfig(dropout=0.5))
+    ds = build_dataset(RECORDS, byte_tokenizer(), max_seq_len=512)
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for e in ds.examples:
+            ids, labels = collate([e], PAD)
+            k = label_tokens(labels)
+            total += reference_loss(model, ids, labels).item() * k
+            n += k
+    model.train()
+    result = evaluate(NextTokenLoss(model), ds, PAD, torch.device("cpu"), TrainConfig(batch_size=2))
+    assert model.training
+    assert result["label_tokens"] == n and result["loss"] == pytest.approx(total / n, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(total / n), rel=1e-5)
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------
@@ -229,7 +280,12 @@ def test_finetuning_end_to_end_lowers_the_loss(tiny_run):
 
 
 def test_resume_after_interruption_reaches_the_same_weights(tiny_run, monkeypatch):
-    settings = dict(epochs=3, max_steps=7, save_every=2, lora_dropout=0.1)  # dropout: the RNG state matters
+    """Also the held-out log: 2 of the 6 records held out, evaluated at steps 0, 3, 6 and 7 (the end), both runs
+    the same; the interrupted one had evaluated at step 3, before its last checkpoint (step 4)."""
+    # dropout: the RNG state matters; 4 training records / (1 x 2) = 2 steps per epoch
+    settings = dict(
+        epochs=4, max_steps=7, save_every=2, lora_dropout=0.1, heldout=2, eval_every=3, lr_schedule="cosine"
+    )
     full, full_log = run_finetuning(tiny_run, "uninterrupted", **settings)
 
     done = []
@@ -251,6 +307,14 @@ def test_resume_after_interruption_reaches_the_same_weights(tiny_run, monkeypatc
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in resumed_log] == list(range(1, 8))
     assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log]
+    assert [r["lr"] for r in resumed_log] == [r["lr"] for r in full_log]
+    full_evals, resumed_evals = (read_log(out / "reports" / "eval_log.jsonl") for out in (full, resumed))
+    assert [r["step"] for r in full_evals] == [0, 3, 6, 7] and resumed_evals == full_evals
+    summary = json.loads((full / "reports" / "summary.json").read_text())
+    assert summary["data"]["examples"] == 4 and len(summary["data"]["heldout_records"]) == 2
+    assert summary["result"]["heldout_loss_last"] == full_evals[-1]["loss"]
+    samples = json.loads((full / "reports" / "samples.json").read_text())
+    assert [s["set"] for s in samples[-2:]] == ["held out", "held out"]
 
 
 def test_resume_refuses_other_settings(tiny_run):
@@ -285,6 +349,47 @@ def test_export_peft_writes_the_adapter_in_peft_format(tiny_run):
     config = json.loads((out / "run" / "peft_adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["target_modules"] == ["q_proj", "v_proj"]
     assert (out / "run" / "peft_adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_export_hf_and_gguf_equal_the_trained_model(tiny_run, lora):
+    """The merged HF folder and the GGUF (f32) give the logits of base + trained adapter (or of the fully
+    fine-tuned model); `python -m project.export` writes the same files again from the finished run."""
+    from llama.checkpoint import load_checkpoint
+    from project import export
+    from project.model.lora import load_adapter
+
+    name = f"export-{lora}"
+    out, _ = run_finetuning(tiny_run, name, max_steps=2, lora=lora, export="hf,gguf", gguf_type="f32")
+    if lora:
+        expected, _ = load_checkpoint(tiny_run[0], torch.float32, "cpu")
+        load_adapter(apply_lora(expected, LoRAConfig()), out / "run" / "adapter.pt")
+    else:
+        expected, _ = load_checkpoint(out / "run" / "model", torch.float32, "cpu")
+    ids = torch.tensor([[5, 40, 80, 120, 7, 9]])
+    with torch.no_grad():
+        want = expected.eval()(ids)
+        assert (want - load_checkpoint(tiny_run[0], torch.float32, "cpu")[0](ids)).abs().max() > 1e-3  # it trained
+        for path in (out / "run" / "hf", out / "run" / "model.gguf"):
+            got, tok = load_checkpoint(path, torch.float32, "cpu")
+            torch.testing.assert_close(got(ids), want, rtol=1e-5, atol=1e-5)
+            assert tok.encode("Say hi.") == list(b"Say hi.") and tok.eos_id == 256
+    (out / "run" / "model.gguf").unlink()
+    export.main(run_dir=str(out / "run"), formats="gguf", ckpt_dir=str(tiny_run[0]), gguf_type="f32")
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(out / "run" / "model.gguf", torch.float32, "cpu")[0](ids), want)
+
+
+def test_export_flags_are_checked_before_training(tiny_run):
+    with pytest.raises(UserError, match="--export takes any of"):
+        run_finetuning(tiny_run, "bad-export", export="onnx")
+    with pytest.raises(UserError, match="needs --lora True"):
+        run_finetuning(tiny_run, "bad-export", export="peft", lora=False)
+    with pytest.raises(UserError, match="full-precision base"):
+        run_finetuning(tiny_run, "bad-export", export="gguf", base="int8")
+    with pytest.raises(UserError, match="--gguf_type"):
+        run_finetuning(tiny_run, "bad-export", export="gguf", gguf_type="q4")
+    assert not (tiny_run[2] / "bad-export" / "reports" / "train_log.jsonl").exists()
 
 
 def test_train_config_rejects_bad_values():

@@ -141,6 +141,12 @@ def save_adapter(model: nn.Module, path: str | Path, cfg: LoRAConfig):
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
+def adapter_config(path: str | Path) -> LoRAConfig:
+    """The settings an adapter file was made with: wrap the model with apply_lora(model, them), then load_adapter."""
+    config = load_torch_file(path, "adapter", ("config", "state_dict"))["config"]
+    return LoRAConfig(config["r"], config["alpha"], config["dropout"], tuple(config["targets"]))
+
+
 def load_adapter(model: nn.Module, path: str | Path) -> dict:
     """Load adapter weights into a model already wrapped with apply_lora (same targets and rank); returns the config."""
     payload = load_torch_file(path, "adapter", ("config", "state_dict"))

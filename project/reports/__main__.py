@@ -24,11 +24,12 @@ def main(
     bench_dir: Optional[str] = None,
     samples: str = "auto",
     pdf: bool = True,
+    recipe_dir: Optional[str] = None,
 ):
     """--samples auto (read the saved cache on/off samples, run the default model if none), run, or skip."""
     if samples not in ("auto", "run", "skip"):
         raise UserError(f"--samples must be auto, run or skip, not {samples!r}")
-    result = build_all(reports_dir, inference_dir, finetune_dir, bench_dir, samples, pdf)
+    result = build_all(reports_dir, inference_dir, finetune_dir, bench_dir, samples, pdf, recipe_dir)
     for md_path, pdf_path in result["written"].values():
         extra = f", {pdf_path} ({count_pages(pdf_path)} pages)" if pdf_path else ""
         print(f"wrote {md_path}{extra}")

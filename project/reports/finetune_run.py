@@ -1,5 +1,5 @@
 """A fine-tuning run's own report, rendered from its data: summary.json (settings and results), train_log.jsonl
-(one record per optimizer step) and samples.json (outputs before and after).
+(one record per optimizer step), eval_log.jsonl (held-out loss) and samples.json (outputs before and after).
 
 The one renderer of the run's settings (settings_lines), its result (loss_stats -> result_lines), the loss plot
 and the sample table: project/finetune.py writes summary.md, samples.md and loss.png with them, and the phase 3
@@ -14,11 +14,25 @@ from pathlib import Path
 from llama.checkpoint import atomic_write
 
 
-def loss_stats(steps: list[dict]) -> dict:
-    """First/last losses, the means of the first and last k steps, time and memory, from the step log."""
+def loss_stats(steps: list[dict], evals: list[dict] = ()) -> dict:
+    """First/last losses, the means of the first and last k steps, time and memory, from the step log;
+    held-out loss and perplexity at the first and last evaluation, from the eval log."""
     k = max(1, min(5, len(steps) // 4))
     timed = steps[1:] or steps  # the first step includes one-off warm-up
+    held = {}
+    if evals:
+        first, last = evals[0], evals[-1]
+        held = {
+            "heldout_first_step": first["step"],
+            "heldout_last_step": last["step"],
+            "heldout_loss_first": first["loss"],
+            "heldout_loss_last": last["loss"],
+            "heldout_ppl_first": first["perplexity"],
+            "heldout_ppl_last": last["perplexity"],
+            "heldout_label_tokens": last["label_tokens"],
+        }
     return {
+        **held,
         "steps": len(steps),
         "skipped": sum(bool(s["skipped"]) for s in steps),
         "loss_first": steps[0]["loss"],
@@ -75,6 +89,16 @@ def result_lines(r: dict) -> list[str]:
         f"- loss: first step {r['loss_first']:.4f}, last step {r['loss_last']:.4f}; mean of the first {r['k']} "
         f"steps {r['loss_first_k']:.4f}, of the last {r['k']} steps {r['loss_last_k']:.4f} "
         f"({r['loss_last_k'] - r['loss_first_k']:+.4f})",
+        *(
+            [
+                f"- held-out loss (mean over {r['heldout_label_tokens']:,} label tokens of the held-out records): "
+                f"{r['heldout_loss_first']:.4f} at step {r['heldout_first_step']} → {r['heldout_loss_last']:.4f} at "
+                f"step {r['heldout_last_step']} ({r['heldout_loss_last'] - r['heldout_loss_first']:+.4f}); "
+                f"perplexity {r['heldout_ppl_first']:.2f} → {r['heldout_ppl_last']:.2f}"
+            ]
+            if "heldout_loss_first" in r
+            else []
+        ),
         f"- time per optimizer step (after the first): {r['step_s']:.2f} s; {r['tokens_per_s']:.0f} tokens/s",
         f"- memory in use at the end of a step (max): {r['max_memory_bytes'] / 2**30:.2f} GiB "
         "(CPU: resident set of the process; CUDA/MPS: allocated by tensors)",
@@ -90,8 +114,8 @@ def summary_markdown(summary: dict) -> str:
             "",
             *result_lines(r),
             "",
-            "Files: `summary.json` (this page as data), `train_log.jsonl` (every optimizer step), `loss.png`, "
-            "`samples.md` / `samples.json`.",
+            "Files: `summary.json` (this page as data), `train_log.jsonl` (every optimizer step), "
+            "`eval_log.jsonl` (every held-out evaluation), `loss.png`, `samples.md` / `samples.json`.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -102,23 +126,30 @@ def samples_markdown(samples: list[dict]) -> str:
     def cell(text: str) -> str:
         return text.strip().replace("|", "\\|").replace("\n", "<br>") or "(empty)"
 
-    lines = ["| Instruction | Before | After |", "|---|---|---|"]
+    def output(r: dict, when: str) -> str:
+        cut = r.get(f"{when}_stopped") is False  # older runs did not record it
+        return cell(r[when]) + ("<br>*(no EOS: cut at the token limit)*" if cut else "")
+
+    lines = ["| Instruction | Set | Before | After |", "|---|---|---|---|"]
     for r in samples:
         instruction = r["instruction"] + (f"<br>Input: {r['input']}" if r.get("input") else "")
-        lines.append(f"| {cell(instruction)} | {cell(r['before'])} | {cell(r['after'])} |")
+        lines.append(f"| {cell(instruction)} | {r.get('set', '')} | {output(r, 'before')} | {output(r, 'after')} |")
     return "\n".join(lines)
 
 
-def plot_loss(steps: list[dict], path: Path, title: str):
+def plot_loss(steps: list[dict], path: Path, title: str, evals: list[dict] = ()):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], marker="o", markersize=3)
+    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], marker="o", markersize=3, label="training")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], marker="s", label="held-out")
+        ax.legend()
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (mean token cross-entropy)")
+    ax.set_ylabel("loss (mean token cross-entropy)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -128,17 +159,18 @@ def plot_loss(steps: list[dict], path: Path, title: str):
 
 def loss_title(summary: dict) -> str:
     t = summary["training"]
-    return f"{summary['model']}, {t['optimizer']} lr {t['lr']}, {t['precision']} autocast"
+    schedule = t.get("lr_schedule", "constant")
+    return f"{summary['model']}, {t['optimizer']} lr {t['lr']} ({schedule}), {t['precision']} autocast"
 
 
-def write_run_report(out_dir: Path, summary: dict, steps: list[dict], samples: list[dict]):
+def write_run_report(out_dir: Path, summary: dict, steps: list[dict], samples: list[dict], evals: list[dict] = ()):
     """summary.json (with the results added), summary.md, samples.json, samples.md and loss.png in out_dir."""
     if steps:
-        summary["result"] = loss_stats(steps)
+        summary["result"] = loss_stats(steps, evals)
     atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2))
     atomic_write(out_dir / "summary.md", summary_markdown(summary))
     atomic_write(out_dir / "samples.json", json.dumps(samples, indent=2, ensure_ascii=False))
     intro = "Alpaca prompt template (plain text), greedy decoding, at most the configured number of new tokens."
     title = "# Greedy outputs before and after fine-tuning"
     atomic_write(out_dir / "samples.md", f"{title}\n\n{intro}\n\n{samples_markdown(samples)}\n")
-    plot_loss(steps, out_dir / "loss.png", loss_title(summary))
+    plot_loss(steps, out_dir / "loss.png", loss_title(summary), evals)

@@ -284,7 +284,14 @@ def our_stack(spec: Spec) -> Stack:
     """The model, LoRA, checkpointing, optimizer and GradScaler exactly as finetuning.py sets them up."""
     from project.checkpointing import apply_checkpointing
     from project.frozen_base import load_dtype, prepare
-    from project.train import TrainConfig, make_optimizer, make_scaler, micro_batch_backward, optimizer_update
+    from project.train import (
+        NextTokenLoss,
+        TrainConfig,
+        make_optimizer,
+        make_scaler,
+        micro_batch_backward,
+        optimizer_update,
+    )
 
     device = torch.device(spec.device)
     model, _ = spec.source.load(load_dtype(spec.base, spec.precision), device)
@@ -295,9 +302,10 @@ def our_stack(spec: Spec) -> Stack:
     cfg = TrainConfig(lr=spec.lr, optimizer=spec.optimizer, grad_accum=spec.grad_accum, precision=spec.precision)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scaler = make_scaler(device, spec.precision)
+    net = NextTokenLoss(model)
 
     def micro_batch(input_ids, labels, n_labels):
-        return micro_batch_backward(model, input_ids, labels, n_labels, scaler, spec.precision)
+        return micro_batch_backward(net, input_ids, labels, n_labels, scaler, spec.precision)
 
     return Stack(model, micro_batch, lambda: optimizer_update(optimizer, scaler)[0], optimizer, model, None)
 
