@@ -7,6 +7,7 @@ dtype and device and assigns it, so two full copies of the weights never exist a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -116,15 +117,26 @@ def load_checkpoint(ckpt_dir: str | os.PathLike | None, dtype=torch.bfloat16, de
         hint = SETUP_HINT if path == DEFAULT_CKPT_DIR else "check the path, or omit --ckpt_dir to use the default model"
         raise UserError(f"checkpoint not found: {path} ({hint})")
     device = torch.device(device)
-    if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, dtype, device)
     ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
-    if path.is_dir() and (path / "params.json").exists():
-        return load_meta(path, dtype, device)
-    if path.is_dir() and (path / "config.json").exists():
-        return load_hf(path, dtype, device)
-    if len(ggufs) == 1:
-        return load_gguf(ggufs[0], dtype, device)
+    if path.is_file() and path.suffix == ".gguf":
+        loader = functools.partial(load_gguf, path)
+    elif path.is_dir() and (path / "params.json").exists():
+        loader = functools.partial(load_meta, path)
+    elif path.is_dir() and (path / "config.json").exists():
+        loader = functools.partial(load_hf, path)
+    elif len(ggufs) == 1:
+        loader = functools.partial(load_gguf, ggufs[0])
+    else:
+        loader = None
+    if loader is not None:
+        model, tokenizer = loader(dtype, device)
+        if tokenizer.n_words > model.args.vocab_size:  # ids past the embedding table would fail mid-generation
+            raise UserError(
+                f"{path}: the tokenizer has {tokenizer.n_words:,} tokens but the model's embedding only "
+                f"{model.args.vocab_size:,} rows: they come from different models (a tokenizer.model from "
+                "another checkpoint?)"
+            )
+        return model, tokenizer
     if len(ggufs) > 1:
         raise UserError(f"{path} holds {len(ggufs)} .gguf files: pass the one you want as --ckpt_dir")
     raise UserError(
@@ -184,8 +196,8 @@ def load_meta(path: Path, dtype, device):
         args = meta_args(json.loads((path / "params.json").read_text()))
     except (ValueError, TypeError) as e:
         raise UserError(f"{path / 'params.json'}: {e}") from None
-    tok_path = path / "tokenizer.model"
-    tokenizer = load_tokenizer_file(tok_path) if tok_path.exists() else load_llama3_tokenizer()
+    own = ("tokenizer.model", "original/tokenizer.model", "tokenizer.json")  # as Meta and Hugging Face keep them
+    tokenizer = hf_tokenizer(path) if any((path / f).exists() for f in own) else load_llama3_tokenizer()
     try:
         sd = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated or non-PyTorch file

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from llama.checkpoint import ModelSource, save_meta
-from llama.export import require_bpe
+from llama.export import require_bpe, save_tokenizer_files
 from llama.generation import Llama
 from llama.runtime import DTYPES, describe, log
 from project.allocator import allocator_settings
@@ -137,9 +137,11 @@ def finetune(
         if lora:
             merge_lora(model)
         save_meta(model, save_merged)
+        save_tokenizer_files(tokenizer, Path(save_merged))
         log(f"merged model written to {save_merged} (Meta format; --ckpt_dir {save_merged} loads it)")
     elif not lora:
         save_meta(model, run_dir / "model")
+        save_tokenizer_files(tokenizer, run_dir / "model")
 
     env = environment(device)
     summary = {

@@ -23,7 +23,7 @@ X = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(0))
 # ---- Meta format ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("tied", [False, True])
 def test_save_meta_round_trip(tmp_path, llama3_tokenizer_path, tied):
-    model = tiny_model(seed=7, tie_word_embeddings=tied)
+    model = tiny_model(seed=7, tie_word_embeddings=tied, vocab_size=128256)  # the tokenizer's vocabulary
     save_meta(model, tmp_path, tokenizer_file=llama3_tokenizer_path)
     assert {p.name for p in tmp_path.iterdir()} == {"consolidated.00.pth", "params.json", "tokenizer.model"}
     loaded, tok = load_checkpoint(tmp_path, torch.float32, "cpu")
@@ -46,7 +46,7 @@ def test_meta_style_params_json_loads_strict(tmp_path, tied):
         "n_layers": 2,
         "n_heads": 4,
         "n_kv_heads": 2,
-        "vocab_size": 256,
+        "vocab_size": 128256,  # the Llama 3 tokenizer's, which loads by default
         "multiple_of": 32,
         "ffn_dim_multiplier": 1.5,
         "norm_eps": 1e-05,
@@ -57,6 +57,7 @@ def test_meta_style_params_json_loads_strict(tmp_path, tied):
     # use_scaled_rope without a factor: Llama 3.2's small models use 32 (original context 8192).
     args = tiny_args(
         dim=64,
+        vocab_size=128256,
         hidden_dim=256,
         rope_theta=500000.0,
         rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),

@@ -44,8 +44,8 @@ REQUIRED = [
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """vanilla, ckpt (made to run out of memory), lora and lora on an int4 base, each in its own process, on a
-    tiny checkpoint."""
+    """vanilla, ckpt (made to run out of memory), lora, ckpt+lora and lora on an int4 base, each in its own
+    process, on a tiny checkpoint."""
     tmp = tmp_path_factory.mktemp("bench")
     ckpt, data, out = write_tiny_checkpoint(tmp / "ckpt"), write_records(tmp / "records.json"), tmp / "out"
     proc = run_script(
@@ -55,7 +55,7 @@ def bench(tmp_path_factory):
         "--data",
         data,
         "--configs",
-        "vanilla,ckpt,lora,lora+int4",
+        "vanilla,ckpt,lora,ckpt+lora,lora+int4",
         "--examples",
         2,
         "--simulate_oom",
@@ -76,9 +76,9 @@ def bench(tmp_path_factory):
 
 def test_csv_rows_columns_and_numbers(bench):
     frame, _, _ = bench
-    assert list(frame.config) == ["vanilla", "ckpt", "lora", "lora+int4"]  # the sweep went on after the OOM
-    assert list(frame.status) == ["ok", "OOM", "ok", "ok"]
-    assert list(frame.base) == ["fp32", "fp32", "fp32", "int4"]
+    assert list(frame.config) == ["vanilla", "ckpt", "lora", "ckpt+lora", "lora+int4"]  # went on after the OOM
+    assert list(frame.status) == ["ok", "OOM", "ok", "ok", "ok"]
+    assert list(frame.base) == ["fp32", "fp32", "fp32", "fp32", "int4"]
     assert not [c for c in REQUIRED if c not in frame.columns]
     ok = frame[frame.status == "ok"]
     for col in REQUIRED[11:]:
@@ -112,6 +112,16 @@ def test_breakdown_parts_match_hand_counts_and_fit_in_the_peak(bench):
     for row in (vanilla, lora):
         parts = row.param_bytes + row.grad_bytes + row.optim_bytes + row.activation_bytes + row.logits_loss_bytes
         assert parts <= row.peak_bytes
+
+
+def test_checkpointing_lowers_the_measured_activations(bench):
+    """Through the benchmark's own path: every block checkpointed keeps only the 4 block inputs (B, T, dim) fp32
+    of each micro-batch for backward, far less than what lora keeps (every block's intermediate tensors)."""
+    frame, _, _ = bench
+    rows = frame.set_index("config")
+    ckpt, lora = rows.loc["ckpt+lora"], rows.loc["lora"]
+    assert ckpt.status == "ok" and ckpt.grad_bytes == lora.grad_bytes and ckpt.param_bytes == lora.param_bytes
+    assert ckpt.activation_bytes < 0.5 * lora.activation_bytes
 
 
 def parse_bytes(text: str) -> float:

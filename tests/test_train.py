@@ -267,10 +267,13 @@ def test_finetuning_end_to_end_lowers_the_loss(tiny_run):
     for f in ("summary.json", "summary.md", "loss.png", "samples.md", "samples.json"):
         assert (out / "reports" / f).stat().st_size > 0
     summary = (out / "reports" / "summary.md").read_text()
-    # --precision auto: bf16 autocast where the CPU computes bf16 natively, plain fp32 elsewhere (e.g. AVX2-only).
-    expected = "bf16" if has_native_matmul(torch.device("cpu"), torch.bfloat16) else "fp32"
-    assert f"{expected} autocast" in summary and "command" in summary and "optimizer steps: 24" in summary
     data = json.loads((out / "reports" / "summary.json").read_text())
+    # --precision auto on the device the run used (--device auto: a GPU where there is one): bf16 where it computes
+    # bf16 natively, else fp16 on a GPU (a P100) and plain fp32 on a CPU (e.g. AVX2-only or AVX-512 without BF16).
+    device = torch.device(data["device"])
+    fallback = "fp32" if device.type == "cpu" else "fp16"
+    expected = "bf16" if has_native_matmul(device, torch.bfloat16) else fallback
+    assert f"{expected} autocast" in summary and "command" in summary and "optimizer steps: 24" in summary
     assert data["training"]["precision"] == expected and data["result"]["steps"] == 24
     assert data["result"]["loss_first"] == log[0]["loss"] and data["result"]["loss_last"] == log[-1]["loss"]
     assert data["lora"]["targets"] == ["wq", "wv"] and 0 < data["trainable_params"] < data["total_params"]

@@ -64,7 +64,7 @@ def test_meta_params_json_rope_factor_llama_3_1_vs_3_2():
 
 
 def test_meta_loader_refuses_shards_and_drops_llama2_rope_table(tmp_path):
-    model = tiny_model(seed=5).eval()
+    model = tiny_model(seed=5, vocab_size=128256).eval()  # no tokenizer.model: the Llama 3 tokenizer is used
     save_meta(model, tmp_path / "one")
     sd = torch.load(tmp_path / "one" / "consolidated.00.pth", weights_only=True)
     torch.save({**sd, "rope.freqs": torch.randn(4)}, tmp_path / "one" / "consolidated.00.pth")
@@ -74,3 +74,11 @@ def test_meta_loader_refuses_shards_and_drops_llama2_rope_table(tmp_path):
     (tmp_path / "one" / "consolidated.01.pth").write_bytes(b"")
     with pytest.raises(UserError, match="2 model-parallel shards"):
         load_checkpoint(tmp_path / "one", torch.float32, "cpu")
+
+
+def test_a_tokenizer_bigger_than_the_embedding_is_refused_at_load(tmp_path, llama3_tokenizer_path):
+    """A Meta folder whose tokenizer.model belongs to another model (Llama 3's 128,256 tokens for a 259-row
+    embedding): one line at load, not an index error in the middle of a generation."""
+    save_meta(tiny_model(), tmp_path, tokenizer_file=llama3_tokenizer_path)
+    with pytest.raises(UserError, match="128,256 tokens but the model's embedding only 259 rows"):
+        load_checkpoint(tmp_path, torch.float32, "cpu")

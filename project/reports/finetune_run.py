@@ -43,6 +43,16 @@ def loss_stats(steps: list[dict], evals: list[dict] = ()) -> dict:
         "step_s": sum(s["step_s"] for s in timed) / len(timed),
         "tokens_per_s": sum(s["tokens"] for s in timed) / sum(s["step_s"] for s in timed),
         "max_memory_bytes": max(s["memory_bytes"] for s in steps),
+        # a torchrun job: what rank 0 held
+        **(
+            {
+                "ranks": steps[-1]["ranks"],
+                "param_bytes": steps[-1]["param_bytes"],
+                "grad_bytes": steps[-1]["grad_bytes"],
+            }
+            if "ranks" in steps[-1]
+            else {}
+        ),
     }
 
 
@@ -102,6 +112,14 @@ def result_lines(r: dict) -> list[str]:
         f"- time per optimizer step (after the first): {r['step_s']:.2f} s; {r['tokens_per_s']:.0f} tokens/s",
         f"- memory in use at the end of a step (max): {r['max_memory_bytes'] / 2**30:.2f} GiB "
         "(CPU: resident set of the process; CUDA/MPS: allocated by tensors)",
+        *(
+            [
+                f"- {r['ranks']} ranks; rank 0 held {r['param_bytes'] / 2**20:,.1f} MiB of parameters and "
+                f"{r['grad_bytes'] / 2**20:,.1f} MiB of gradients (its shards under FSDP, a full replica under DDP)"
+            ]
+            if "ranks" in r
+            else []
+        ),
     ]
 
 
