@@ -66,13 +66,18 @@ def test_lora_settings_out_of_range_are_refused():
         (["inference.py", "--temperature", "abc"], "error: --temperature takes a number, not 'abc'"),
         (["benchmark_inference.py", "--batch_sise", "1"], "error: unknown flag --batch_sise: did you mean"),
         (["benchmark_finetuning.py", "--confgs", "lora"], "error: unknown flag --confgs: did you mean --configs?"),
+        (["finetuning.py", "--lr_schedule", "step"], "error: --lr_schedule must be one of constant, cosine, linear"),
+        (["finetuning.py", "--heldout", "500"], "error: --heldout 500 leaves no training records"),
+        (["finetuning.py", "--export", "onnx"], "error: --export takes any of peft, hf, gguf, not onnx"),
+        (["finetuning.py", "--distributed", "fsdp"], "error: --distributed fsdp needs several processes"),
+        (["-m", "project.export", "--run_dir", "{tmp}", "--formats", "hf"], "error: {tmp} has neither adapter.pt"),
     ],
 )
 def test_each_script_stops_with_one_line_before_loading_anything(args, expected, tmp_path):
     proc = run_script(*[a.replace("{tmp}", str(tmp_path)) for a in args], timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert lines[-1].startswith(expected), lines[-1]
+    assert lines[-1].startswith(expected.replace("{tmp}", str(tmp_path))), lines[-1]
     assert "Traceback" not in proc.stderr and "loaded" not in proc.stderr + proc.stdout  # no model was loaded
 
 

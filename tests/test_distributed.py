@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -98,6 +100,34 @@ def test_resume_under_two_ranks_reaches_the_uninterrupted_weights(tiny):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert [r["step"] for r in parts_log] == [1, 2, 3, 4, 5]
     assert [r["loss"] for r in parts_log] == pytest.approx([r["loss"] for r in whole_log], rel=1e-6)
+
+
+def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_weights(tiny):
+    """SIGTERM to torchrun in the middle of a 2-rank DDP run (wherever it lands, a checkpoint save included):
+    the last complete training_state/ resumes, and 2 more steps reach the weights of a run that was never stopped."""
+    ckpt, data, root = tiny
+    flags = ["--grad_accum", "2", "--distributed", "ddp", "--optimizer", "adamw", "--lr", "1e-2"]
+    args = ["finetuning.py", "--ckpt_dir", ckpt, "--data", data, *SETTINGS, *flags, "--epochs", "400"]
+    args += ["--out", root / "killed" / "out", "--run_dir", root / "killed" / "run"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([*launcher, *map(str, args)], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    log = root / "killed" / "out" / "train_log.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "interrupted" in stderr, stderr[-2000:]
+    step = json.loads((root / "killed" / "run" / "training_state" / "meta.json").read_text())["step"]
+    assert step >= 3
+    more = ["--epochs", "400", "--max_steps", str(step + 2)]
+    resumed, resumed_log = finetune(tiny, "killed", *flags, *more, "--resume", nproc=2)
+    whole, whole_log = finetune(tiny, "never-killed", *flags, *more, nproc=2)
+    a, b = weights(whole, True), weights(resumed, True)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert [r["loss"] for r in resumed_log] == pytest.approx([r["loss"] for r in whole_log], rel=1e-6)
 
 
 def test_distributed_flag_needs_several_processes():

@@ -126,7 +126,7 @@ def test_adapter_roundtrip_and_mismatch(tmp_path):
 
 
 def test_merged_model_saves_in_a_format_the_loader_reads(tmp_path):
-    model = apply_lora(tiny_model(), LoRAConfig(r=4, alpha=8.0)).eval()
+    model = apply_lora(tiny_model(vocab_size=128256), LoRAConfig(r=4, alpha=8.0)).eval()  # the Llama 3 vocabulary
     perturb_adapters(model)
     x = tokens()
     with torch.no_grad():

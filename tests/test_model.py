@@ -21,6 +21,7 @@ CONFIGS = [
     ("mqa_tied_llama3_rope", dict(n_kv_heads=1, tie_word_embeddings=True)),
 ]
 SEQ_LEN = 100  # beyond TINY_ROPE.original_max_position_embeddings (64), so the scaling matters
+LLAMA3_VOCAB = 128256  # a folder with the Llama 3 tokenizer.model must have its vocabulary (the loader checks)
 
 
 def hf_config(a: ModelArgs) -> LlamaConfig:
@@ -57,7 +58,7 @@ def tokens(batch=2, seq=SEQ_LEN, vocab=256, seed=0):
 @pytest.mark.parametrize("name,overrides", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_hf_checkpoint_logits_match_transformers(tmp_path, llama3_tokenizer_path, name, overrides):
     """An HF model with random weights, saved as safetensors (sharded), loaded through our HF loader."""
-    a = tiny_args(**overrides)
+    a = tiny_args(vocab_size=LLAMA3_VOCAB, **overrides)
     torch.manual_seed(0)
     hf = randomize_(LlamaForCausalLM(hf_config(a)), seed=1).eval()
     hf.save_pretrained(tmp_path, max_shard_size="100KB")  # several shards + index
@@ -82,7 +83,7 @@ def load_ours(path, tokenizer_path):
 
 def test_without_qk_permutation_logits_differ(tmp_path, llama3_tokenizer_path):
     """The HF comparison can fail: skipping the rotate-half -> interleaved permutation is caught."""
-    a = tiny_args()
+    a = tiny_args(vocab_size=LLAMA3_VOCAB)
     torch.manual_seed(0)
     hf = randomize_(LlamaForCausalLM(hf_config(a)), seed=1).eval()
     hf.save_pretrained(tmp_path)

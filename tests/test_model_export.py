@@ -135,3 +135,26 @@ def test_gguf_refuses_unknown_type(tmp_path, smollm_tokenizer):
     with pytest.raises(UserError, match="GGUF weight type"):
         save_gguf(tiny_model(vocab_size=smollm_tokenizer.n_words), smollm_tokenizer, tmp_path / "m.gguf", "q4_k")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("which", ["smollm", "llama3"])
+def test_gguf_runs_in_llama_cpp(tmp_path, which, smollm_tokenizer, llama3_tokenizer):
+    """llama.cpp itself (through llama-cpp-python, where installed: it builds llama.cpp from source, so CI skips
+    this) reads our GGUF: the same token ids, and logits within fp32 rounding of ours, with Llama 3 rope scaling
+    past its original context in the llama3 case."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    tok = smollm_tokenizer if which == "smollm" else llama3_tokenizer
+    scaling = {} if which == "llama3" else {"rope_scaling": None}
+    model = tiny_model(seed=8, vocab_size=tok.n_words, dim=64, rope_theta=500000.0, **scaling)
+    path = save_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    text = " ".join(TEXTS)[:300]
+    ids = tok.encode(text, bos=True)
+    assert llm.tokenize(text.encode(), add_bos=tok.bos_id is not None, special=False) == ids
+    ids = ids[:128]
+    assert len(ids) > 64  # past TINY_ROPE's original context
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    with torch.no_grad():
+        want = model(torch.tensor([ids]))[0].numpy()
+    assert np.abs(want).max() > 1 and np.abs(got - want).max() <= 1e-3
