@@ -147,7 +147,10 @@ def test_gguf_runs_in_llama_cpp(tmp_path, which, smollm_tokenizer, llama3_tokeni
     scaling = {} if which == "llama3" else {"rope_scaling": None}
     model = tiny_model(seed=8, vocab_size=tok.n_words, dim=64, rope_theta=500000.0, **scaling)
     path = save_gguf(model, tok, tmp_path / "m.gguf", "f32")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, n_threads=2, verbose=False)
+    f32 = llama_cpp.GGML_TYPE_F32  # its KV cache defaults to f16, which would round every key and value
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=128, logits_all=True, n_threads=2, verbose=False, type_k=f32, type_v=f32
+    )
     text = " ".join(TEXTS)[:300]
     ids = tok.encode(text, bos=True)
     assert llm.tokenize(text.encode(), add_bos=tok.bos_id is not None, special=False) == ids
