@@ -61,6 +61,16 @@ def code_section(warnings: list) -> str:
             "precision holds its frozen base in the autocast dtype (no fp32 copy, no per-step cast), or quantized "
             f"to int8 / int4 on request (through {link('project/quant.py', 'QuantizedMatmul')}); adapters, their "
             "gradients and optimizer state are fp32, and full fine-tuning keeps fp32 master weights.",
+            f"- **Held-out evaluation and schedules** ({link('project/data.py', 'split_heldout')}, "
+            f"{link('project/train.py', 'evaluate')}, {link('project/train.py', 'lr_at')}): records chosen by a hash "
+            "of their text never train; their loss is measured before, during and after training; warm-up then "
+            "cosine or linear decay.",
+            f"- **Several processes** ({link('project/distributed.py', 'wrap')}): torchrun with DDP or FSDP2 around "
+            f"{link('project/train.py', 'NextTokenLoss')}; each rank takes its slice of the window one process would "
+            "take, the loss is normalised by the window's label tokens over all ranks, checkpoints go through "
+            "torch.distributed.checkpoint.",
+            f"- **Exports** ({link('project/export.py', 'export_run')}, {link('llama/export.py', 'save_gguf')}): "
+            "the adapter in peft's format, the merged model as a Hugging Face folder or a GGUF file for llama.cpp.",
             f"- **Gradient checkpointing** ({link('project/checkpointing.py', 'checkpoint_blocks')}): the policy picks "
             f"block indices; {link('project/checkpointing.py', 'apply_checkpointing')} wraps each chosen block's "
             "forward to run under `torch.utils.checkpoint.checkpoint(use_reentrant=False)`; the model "
