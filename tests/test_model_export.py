@@ -90,7 +90,7 @@ def test_hf_folder_loads_in_transformers(tmp_path, smollm_tokenizer, tied):
 @pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16", "q8_0"])
 def test_gguf_round_trip(tmp_path, smollm_tokenizer, weight_type):
     """Our loader reads back exactly the weights the type stores (gguf's own rounding) and the same tokenizer;
-    transformers' GGUF loader gives our logits from the same file (and, in f32, the original model's)."""
+    in f32, transformers' GGUF loader gives our logits and the original model's from the same file."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize, quantize
 
@@ -105,14 +105,15 @@ def test_gguf_round_trip(tmp_path, smollm_tokenizer, weight_type):
         assert np.array_equal(ours.state_dict()[name].numpy(), x.reshape(t.shape)), name
     assert tok.encode(TEXTS[4], bos=True) == smollm_tokenizer.encode(TEXTS[4], bos=True)
     assert tok.stop_ids == smollm_tokenizer.stop_ids and tok.default_system == smollm_tokenizer.default_system
+    if weight_type != "f32":  # the other types' values are gguf's own (checked above); the file layout is one
+        return
     x = torch.tensor([smollm_tokenizer.encode(TEXTS[0] + TEXTS[3], bos=True)])
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = hf(x).logits
         assert expected.abs().max() > 1
         assert (ours(x) - expected).abs().max().item() <= 1e-4
-        if weight_type == "f32":
-            assert (model(x) - expected).abs().max().item() <= 1e-4
+        assert (model(x) - expected).abs().max().item() <= 1e-4
 
 
 def test_gguf_llama3_rope_and_tokenizer(tmp_path, llama3_tokenizer):
