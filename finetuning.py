@@ -27,12 +27,11 @@ from typing import Optional
 
 from llama.checkpoint import ModelSource, remove_stale_temps
 from llama.errors import UserError
-from llama.export import GGUF_TYPES
 from llama.runtime import DTYPE_NAMES, log, resolve_device, resolve_dtype
 from project.allocator import retain_freed_memory
 from project.cli import name_list, run, writable_dir
 from project.distributed import STATE_DIR, rank_device, setup, teardown
-from project.export import EXPORT_FORMATS
+from project.export import check_formats
 from project.finetune import finetune
 from project.frozen_base import QUANTIZED, resolve_base
 from project.model.lora import LoRAConfig
@@ -118,7 +117,8 @@ def main(
     out_dir, run_path = writable_dir(out, "--out"), writable_dir(run_dir, "--run_dir")
     for stale in remove_stale_temps(out_dir) + remove_stale_temps(run_path):
         log(f"removed {stale}, left by a save that was killed")
-    formats = check_formats(name_list(export), lora_cfg is not None, held, gguf_type)
+    formats = name_list(export)
+    check_formats(formats, gguf_type, lora=lora_cfg is not None, base=held)
     if save_merged:
         writable_dir(save_merged, "--save_merged")
     if save_merged and held in QUANTIZED:
@@ -174,20 +174,6 @@ def quiet(silent: bool):
         return
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
         yield
-
-
-def check_formats(formats: tuple[str, ...], lora: bool, base: str, gguf_type: str) -> tuple[str, ...]:
-    """--export's formats, refused at once where they cannot be written."""
-    unknown = [f for f in formats if f not in EXPORT_FORMATS]
-    if unknown:
-        raise UserError(f"--export takes any of {', '.join(EXPORT_FORMATS)}, not {', '.join(unknown)}")
-    if "peft" in formats and not lora:
-        raise UserError("--export peft writes a LoRA adapter: it needs --lora True (hf, gguf: the whole model)")
-    if gguf_type not in GGUF_TYPES:
-        raise UserError(f"--gguf_type must be one of {', '.join(GGUF_TYPES)}, not {gguf_type!r}")
-    if {"hf", "gguf"} & set(formats) and base in QUANTIZED:
-        raise UserError(f"--export hf / gguf need a full-precision base to merge the adapter into, not --base {base}")
-    return tuple(formats)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from llama.errors import UserError
 from llama.export import GGUF_TYPES, save_gguf, save_hf_folder
 from llama.runtime import log
 from project.cli import name_list, run, writable_dir
+from project.frozen_base import QUANTIZED
 from project.model.lora import (
     TARGETS,
     LoRAConfig,
@@ -136,6 +137,20 @@ def load_peft_adapter(model: nn.Module, folder: str | Path) -> LoRAConfig:
 
 
 # ---- a run's exports ---------------------------------------------------------------------------------------
+def check_formats(formats: tuple[str, ...], gguf_type: str, flag: str = "--export", lora: bool = True, base: str = ""):
+    """Refuse at once formats that cannot be written: unknown ones, peft without LoRA, a merge into a quantized
+    base, an unknown GGUF type."""
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise UserError(f"{flag} takes any of {', '.join(EXPORT_FORMATS)}, not {', '.join(unknown)}")
+    if "peft" in formats and not lora:
+        raise UserError(f"{flag} peft writes a LoRA adapter: it needs --lora True (hf, gguf: the whole model)")
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"--gguf_type must be one of {', '.join(GGUF_TYPES)}, not {gguf_type!r}")
+    if {"hf", "gguf"} & set(formats) and base in QUANTIZED:
+        raise UserError(f"{flag} hf / gguf need a full-precision base to merge the adapter into, not --base {base}")
+
+
 def export_run(
     model: nn.Module,
     tokenizer,
@@ -173,10 +188,9 @@ def main(
     it saved in run_dir/model."""
     run_path = Path(run_dir)
     wanted = name_list(formats)
-    if not wanted or [f for f in wanted if f not in EXPORT_FORMATS]:
-        raise UserError(f"--formats takes any of {', '.join(EXPORT_FORMATS)}, not {formats!r}")
-    if gguf_type not in GGUF_TYPES:
-        raise UserError(f"--gguf_type must be one of {', '.join(GGUF_TYPES)}, not {gguf_type!r}")
+    if not wanted:
+        raise UserError(f"--formats takes any of {', '.join(EXPORT_FORMATS)}")
+    check_formats(wanted, gguf_type, "--formats")
     adapter, full = run_path / "adapter.pt", run_path / "model"
     if not adapter.exists() and not full.exists():
         raise UserError(f"{run_path} has neither adapter.pt (LoRA run) nor model/ (full fine-tune): nothing to export")

@@ -413,8 +413,10 @@ def train(
             batches = [tuple(t.to(device) for t in collate([dataset.examples[i] for i in m], pad_id)) for m in mine]
             # A short last window leaves some ranks fewer micro-batches; every rank must run as many forward and
             # backward passes (FSDP gathers weights in each), so they make up the count with label-free ones.
-            blank = (torch.full((1, 2), pad_id, device=device), torch.full((1, 2), IGNORE_INDEX, device=device))
-            batches += [blank] * (min(cfg.grad_accum, len(window)) - len(batches))
+            short = min(cfg.grad_accum, len(window)) - len(batches)
+            if short:
+                blank = torch.full((1, 2), pad_id, device=device), torch.full((1, 2), IGNORE_INDEX, device=device)
+                batches += [blank] * short
             lr = lr_at(step + 1, n_total, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
