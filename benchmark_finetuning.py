@@ -3,6 +3,7 @@
     python benchmark_finetuning.py                      # Llama 3.2-1B shape, random weights, all 10 configurations
     python benchmark_finetuning.py --compare hf         # also Hugging Face transformers + peft, side by side
     python benchmark_finetuning.py --configs vanilla,lora --examples 1    # a quick look
+    python benchmark_finetuning.py --nproc 2 --configs vanilla,lora     # also DDP and FSDP over 2 processes
     python benchmark_finetuning.py --report_only        # rebuild tables and plots from the CSV
 
 Writes under --out: measurements.csv (one row per configuration and stack), README.md (Table 3, Table 2,
@@ -17,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from llama.checkpoint import ModelSource
 from llama.errors import UserError
 from llama.runtime import log, resolve_device
@@ -25,6 +28,7 @@ from project.bench.finetune.report import write_report
 from project.bench.finetune.sweep import SweepOptions, run_sweep
 from project.bench.harness import git_commit, measure_limits, staged_output
 from project.cli import name_list, run, writable_dir
+from project.distributed import MODES
 from project.model.lora import LoRAConfig
 
 CSV_NAME = "measurements.csv"
@@ -48,6 +52,8 @@ def main(
     lr: float = 1e-5,
     allocator: str = "tuned",
     compare: Optional[str] = None,
+    nproc: int = 1,
+    distributed: Sequence[str] = MODES,
     timelines: Sequence[str] = (VANILLA.name, ALL_ON.name),
     device: str = "auto",
     seed: int = 0,
@@ -67,7 +73,9 @@ def main(
     `passes` times over it (accumulation cycles on until its window is full) after `warmup` untimed
     steps of one micro-batch. allocator: tuned (glibc malloc keeps freed
     memory, Linux CPU; see project/allocator.py), default (glibc's own settings) or inherit (this shell's).
-    compare: hf to also run Hugging Face transformers + peft. timelines: configurations whose step is
+    compare: hf to also run Hugging Face transformers + peft. nproc: with N > 1, also run every configuration
+    under torchrun on N processes (N GPUs on CUDA), in each of the --distributed modes (ddp, fsdp); --grad_accum
+    is then per rank, as in finetuning.py. timelines: configurations whose step is
     profiled into a memory timeline. timeout_s: seconds a configuration may take (loading included) before
     it is recorded as timeout. emulated_amp: also run the mixed-precision configurations on a CPU without
     native bf16/fp16 matmuls (by default they are recorded as skipped there: emulated kernels take many
@@ -85,6 +93,7 @@ def main(
     if compare not in (None, "hf"):
         raise UserError(f"--compare takes only hf, not {compare!r}")
     chosen = select(configs, grad_accum)
+    modes = check_ranks(nproc, name_list(distributed), resolve_device(device)) if nproc != 1 else ()
     if min(examples, passes) < 1 or warmup < 0:
         raise UserError("--examples and --passes must be at least 1, --warmup at least 0")
     opts = SweepOptions(
@@ -100,6 +109,8 @@ def main(
         lr=lr,
         allocator=allocator,
         compare_hf=compare == "hf",
+        nproc=nproc,
+        modes=modes,
         simulate_oom=name_list(simulate_oom),
         timelines=name_list(timelines),
         timeout_s=timeout_s,
@@ -120,6 +131,20 @@ def main(
             raise UserError(f"no configuration ran; the first ({first.config}) said: {first.get('message', '?')}")
         write_report(staging / CSV_NAME, staging)
     log(f"wrote {csv_path} and {out_dir / 'README.md'}")
+
+
+def check_ranks(nproc: int, modes: list[str], device) -> tuple[str, ...]:
+    """The distributed modes to run, once --nproc and the device are known to allow them."""
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, not {nproc}")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise UserError(f"--distributed takes {' and/or '.join(MODES)}, not {','.join(unknown) or 'nothing'}")
+    if device.type == "cuda" and torch.cuda.device_count() < nproc:
+        raise UserError(f"--nproc {nproc} needs {nproc} GPUs; this machine has {torch.cuda.device_count()}")
+    if device.type == "mps":
+        raise UserError("--nproc runs one process per GPU or on the CPU; MPS has no multi-process backend here")
+    return tuple(modes)
 
 
 if __name__ == "__main__":

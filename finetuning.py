@@ -30,7 +30,7 @@ from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES, log, resolve_device, resolve_dtype
 from project.allocator import retain_freed_memory
 from project.cli import name_list, run, writable_dir
-from project.distributed import STATE_DIR, rank_device, setup, teardown
+from project.distributed import STATE_DIR, fsdp_refusal, rank_device, setup, teardown
 from project.export import check_formats
 from project.finetune import finetune
 from project.frozen_base import QUANTIZED, resolve_base
@@ -125,11 +125,8 @@ def main(
         raise UserError(f"--save_merged needs a full-precision base to merge into, not --base {held}")
     ranks = setup(distributed, dev)
     dev = rank_device(dev, ranks)
-    if ranks.mode == "fsdp" and (held in QUANTIZED or cfg.precision == "fp16"):
-        raise UserError(
-            "--distributed fsdp shards full-precision or bf16 weights: quantized bases are buffers it does not shard "
-            "and fp16's GradScaler would check only each rank's shard; use --distributed ddp"
-        )
+    if ranks.mode == "fsdp" and fsdp_refusal(held, cfg.precision):
+        raise UserError(fsdp_refusal(held, cfg.precision))
     state = run_path / (STATE_DIR if ranks.on else "training_state.pt")
     if resume and not state.exists():
         raise UserError(f"--resume: no checkpoint at {state}; run without --resume to start")

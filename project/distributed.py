@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llama.errors import UserError
+from project.frozen_base import QUANTIZED
 
 MODES = ("ddp", "fsdp")
 STATE_DIR = "training_state"  # under --run_dir: the distributed training state (a DCP folder)
@@ -85,6 +86,16 @@ def setup(mode: str | None, device: torch.device) -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, mode or "ddp")
+
+
+def fsdp_refusal(base: str, precision: str) -> str | None:
+    """Why FSDP cannot train this setup (None if it can)."""
+    if base in QUANTIZED or precision == "fp16":
+        return (
+            "--distributed fsdp shards full-precision or bf16 weights: quantized bases are buffers it does not shard "
+            "and fp16's GradScaler would check only each rank's shard; use --distributed ddp"
+        )
+    return None
 
 
 def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
@@ -147,13 +158,6 @@ def all_sum(value: float, ranks: Ranks) -> float:
 def rank_slice(window: list, ranks: Ranks, per_rank: int) -> list:
     """This rank's micro-batches of a window of ranks.world * per_rank of them (fewer in a short last window)."""
     return window[ranks.rank * per_rank : (ranks.rank + 1) * per_rank]
-
-
-def local_bytes(tensors) -> int:
-    """Bytes of the tensors this rank holds: its shard of an FSDP DTensor, the whole of a plain tensor."""
-    return sum(
-        (t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors if t is not None
-    )
 
 
 def full_norm(norm: torch.Tensor) -> float:

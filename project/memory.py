@@ -17,13 +17,19 @@ import torch
 MiB = 1 << 20
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of t: its shard of a DTensor (FSDP's parameters, gradients, optimizer state)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def storage_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] = frozenset()) -> int:
-    """Bytes of the distinct storages behind `tensors`, skipping storages whose data_ptr is in `exclude`."""
+    """Bytes of the distinct storages behind `tensors` (this rank's shards of DTensors), skipping storages whose
+    data_ptr is in `exclude`."""
     seen, total = set(exclude), 0
     for t in tensors:
         if t is None or t.device.type == "meta":
             continue
-        s = t.untyped_storage()
+        s = local(t).untyped_storage()
         if s.data_ptr() in seen:
             continue
         seen.add(s.data_ptr())
@@ -32,7 +38,7 @@ def storage_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] = frozenset
 
 
 def storage_ptrs(tensors: Iterable[torch.Tensor]) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in tensors if t is not None}
+    return {local(t).untyped_storage().data_ptr() for t in tensors if t is not None}
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:
@@ -57,7 +63,8 @@ class SavedTensorMeter:
     """Counts the bytes of the tensors autograd saves for backward inside the `with` block.
 
     Storages are counted once, and storages of `exclude` tensors (the model's parameters, whose bytes are
-    already counted as parameters) are skipped. What remains is the activation memory of the step: the
+    already counted as parameters) are skipped, as is any parameter met only now (FSDP's gathered weights,
+    freed again after each block's forward). What remains is the activation memory of the step: the
     inputs each op keeps for its backward, including low-precision copies of weights made by autocast.
     Under non-reentrant gradient checkpointing a checkpointed block saves only its inputs here; what it
     recomputes in backward is not held between forward and backward, so it is correctly not counted.
@@ -74,6 +81,8 @@ class SavedTensorMeter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+            return t
         if t.device.type != "meta" and t.layout == torch.strided:
             s = t.untyped_storage()
             ptr = s.data_ptr()

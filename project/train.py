@@ -34,14 +34,13 @@ from .distributed import (
     full_norm,
     gradient_sync,
     load_state,
-    local_bytes,
     rank_slice,
     read_meta,
     save_state,
     unwrapped,
 )
 from .loss import linear_cross_entropy
-from .memory import memory_in_use
+from .memory import memory_in_use, storage_bytes
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
@@ -171,7 +170,7 @@ def train_step(
     for i, (input_ids, labels) in enumerate(micro_batches):
         with gradient_sync(net, ranks, sync=i == len(micro_batches) - 1):  # once per step, at the last
             total += micro_batch_backward(net, input_ids, labels, n_labels, scaler, precision, ranks.world)
-    grad_bytes = local_bytes(p.grad for group in optimizer.param_groups for p in group["params"])
+    grad_bytes = storage_bytes(p.grad for group in optimizer.param_groups for p in group["params"])
     skipped, grad_norm, scale = optimizer_update(optimizer, scaler, grad_clip)
     tokens = sum(int((labels != IGNORE_INDEX).sum()) + _prompt_tokens(labels) for _, labels in micro_batches)
     total, tokens = all_sum(total, ranks), int(all_sum(tokens, ranks))
@@ -442,7 +441,7 @@ def train(
                 **(
                     {
                         "ranks": ranks.world,
-                        "param_bytes": local_bytes(net.parameters()),
+                        "param_bytes": storage_bytes(net.parameters()),
                         "grad_bytes": result.grad_bytes,
                     }
                     if ranks.on

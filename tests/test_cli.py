@@ -70,6 +70,7 @@ def test_lora_settings_out_of_range_are_refused():
         (["finetuning.py", "--heldout", "500"], "error: --heldout 500 leaves no training records"),
         (["finetuning.py", "--export", "onnx"], "error: --export takes any of peft, hf, gguf, not onnx"),
         (["finetuning.py", "--distributed", "fsdp"], "error: --distributed fsdp needs several processes"),
+        (["benchmark_finetuning.py", "--nproc", "2", "--distributed", "zero"], "error: --distributed takes ddp and/or"),
         (["-m", "project.export", "--run_dir", "{tmp}", "--formats", "hf"], "error: {tmp} has neither adapter.pt"),
     ],
 )

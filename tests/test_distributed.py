@@ -123,3 +123,18 @@ def test_distributed_flag_needs_several_processes():
         setup("fsdp", torch.device("cpu"))
     with pytest.raises(UserError, match="ddp or fsdp"):
         setup("zero3", torch.device("cpu"))
+
+
+def test_resume_on_another_number_of_ranks(tiny):
+    """A 2-rank FSDP checkpoint (2 x accumulation 2, AdamW) resumed on 4 ranks x accumulation 1, the same windows
+    of 4: DCP reshards the adapters and AdamW's moments, and the run reaches the weights and losses of 2 ranks
+    that never stopped. (4 ranks here also meet the short last window: ranks 2 and 3 run label-free batches.)"""
+    flags = ["--distributed", "fsdp", "--optimizer", "adamw", "--lr", "1e-2", "--epochs", "2"]
+    finetune(tiny, "reshard", *flags, "--grad_accum", "2", "--max_steps", "2", nproc=2)
+    resumed, resumed_log = finetune(tiny, "reshard", *flags, "--grad_accum", "1", "--resume", nproc=4)
+    whole, whole_log = finetune(tiny, "reshard-whole", *flags, "--grad_accum", "2", nproc=2)
+    assert [r["step"] for r in resumed_log] == [r["step"] for r in whole_log] == [1, 2, 3, 4]
+    assert [r["ranks"] for r in resumed_log] == [2, 2, 4, 4]
+    a, b = weights(whole, True), weights(resumed, True)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert [r["loss"] for r in resumed_log] == pytest.approx([r["loss"] for r in whole_log], rel=1e-6)

@@ -1,6 +1,7 @@
 """The fine-tuning benchmark end to end on a tiny model: CSV rows and columns, the memory breakdown, a
 simulated out-of-memory configuration, and Table 2's arrows against the numbers beside them."""
 
+import json
 import math
 import re
 
@@ -282,3 +283,66 @@ def test_compute_floor_by_hand():
     assert "| lora | fp32 | 0.234 | 0.1 | 2.34 | 3.00 | 78% |" in lines
     assert "| ckpt | fp32 | 0.467 | 0.1 | 4.67 | 3.00 | 156% |" in lines
     assert "(a compute floor needs" in floor_section(frame.assign(model="my checkpoint"), {"matmul_TFLOP_per_s": {}})[0]
+
+
+def test_nproc_runs_fsdp_ranks(tmp_path):
+    """--nproc 2 --distributed fsdp: every configuration also under torchrun. Two ranks with accumulation 1 train
+    the same windows as one process with accumulation 2, so their losses (before and after an update) must agree;
+    each rank holds half of the parameters and gradients that the one process holds. (DDP goes through the same
+    code; tests/test_distributed.py checks both modes' training.)"""
+    ckpt, data, out = (
+        write_tiny_checkpoint(tmp_path / "ckpt"),
+        write_records(tmp_path / "records.json"),
+        tmp_path / "out",
+    )
+    proc = run_script(
+        "benchmark_finetuning.py",
+        "--ckpt_dir",
+        ckpt,
+        "--data",
+        data,
+        "--configs",
+        "vanilla,accum2",
+        "--grad_accum",
+        2,
+        "--examples",
+        2,
+        "--passes",
+        2,
+        "--warmup",
+        0,  # a warm-up step is one micro-batch per process: it would not be the same window on 1 and 2 ranks
+        "--nproc",
+        2,
+        "--distributed",
+        "fsdp",
+        "--timelines",
+        "",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        "--run_dir",
+        tmp_path / "runs",
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frame = pd.read_csv(out / "measurements.csv")
+    assert list(zip(frame.config, frame["stack"], frame.ranks, frame.status)) == [
+        (config, stack, ranks, "ok") for config in ("vanilla", "accum2") for stack, ranks in (("ours", 1), ("fsdp", 2))
+    ]
+    rows = frame.set_index(["config", "stack"])
+    one_process = rows.loc[("accum2", "ours")]  # windows [ex0, ex1], [ex0, ex1]
+    two_ranks = rows.loc[("vanilla", "fsdp")]  # windows [ex0 | ex1] (rank 0 | rank 1), twice
+    assert two_ranks.loss_first == pytest.approx(one_process.loss_first, abs=1e-5)
+    assert two_ranks.loss_last == pytest.approx(one_process.loss_last, abs=1e-5)
+    assert two_ranks.loss_last != pytest.approx(two_ranks.loss_first, abs=1e-6)  # the update did something
+    assert two_ranks.tokens == one_process.tokens
+    for key in ("param_bytes", "grad_bytes"):
+        whole = rows.loc[("vanilla", "ours")][key]
+        shards = json.loads(two_ranks[f"{key}_ranks"])
+        assert len(shards) == 2 and all(shard == pytest.approx(whole / 2, rel=0.02) for shard in shards)
+    # The weights FSDP gathers for a block's forward are parameters, not activations: the two ranks train the one
+    # process's two examples between them, and save for backward at most what it saves.
+    assert max(json.loads(two_ranks.activation_bytes_ranks)) == rows.loc[("vanilla", "ours")].activation_bytes
+    report = (out / "README.md").read_text()
+    assert "## Several processes (torchrun)" in report and "| vanilla | fsdp | 2 |" in report

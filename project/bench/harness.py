@@ -36,13 +36,20 @@ from llama.errors import UserError
 from llama.runtime import has_native_matmul, log
 
 
-def run_child(module: str, spec: dict, folder: Path, tag: str, env=None, timeout_s: Optional[float] = None) -> dict:
-    """Run `python -m module` on spec in a fresh process; its spec, result and log are folder/tag.*."""
+def run_child(
+    module: str, spec: dict, folder: Path, tag: str, env=None, timeout_s: Optional[float] = None, nproc: int = 1
+) -> dict:
+    """Run `python -m module` on spec in a fresh process (nproc > 1: that many under torchrun, each with its share
+    of the CPU threads); its spec, result and log are folder/tag.*."""
     spec_path, result_path, log_path = (folder / f"{tag}.{kind}" for kind in ("spec.json", "result.json", "log"))
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", module, str(spec_path), str(result_path)]
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    launcher = []
+    if nproc > 1:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        env.setdefault("OMP_NUM_THREADS", str(max(1, torch.get_num_threads() // nproc)))
+    cmd = [sys.executable, *launcher, "-m", module, str(spec_path), str(result_path)]
     ticks = cpu_ticks()
     with open(log_path, "w") as out:
         try:
@@ -67,7 +74,9 @@ def run_child(module: str, spec: dict, folder: Path, tag: str, env=None, timeout
 def child_main(measure: Callable[[dict, dict], None]) -> None:
     """The child's side: measure(spec, result) fills result; failures become a status, never a crash.
 
-    Called as `python -m module SPEC.json RESULT.json`; RESULT.json is written atomically in every case."""
+    Called as `python -m module SPEC.json RESULT.json`; RESULT.json is written atomically in every case. Under
+    torchrun rank 0 writes it, and a failed rank exits with an error so that torchrun stops the others (which
+    would otherwise wait for it in a collective)."""
     spec_path, result_path = sys.argv[1:3]
     spec = json.loads(Path(spec_path).read_text())
     result: dict = {"status": "ok", **environment(torch.device(spec["device"]))}
@@ -79,7 +88,10 @@ def child_main(measure: Callable[[dict, dict], None]) -> None:
         traceback.print_exc()
         first_line = str(e).splitlines()[0] if str(e) else ""
         result.update(status="OOM" if is_out_of_memory(e) else "error", message=f"{type(e).__name__}: {first_line}")
-    atomic_write(Path(result_path), json.dumps(result))
+    if int(os.environ.get("RANK", "0")) == 0:
+        atomic_write(Path(result_path), json.dumps(result))
+    if result["status"] != "ok" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.exit(1)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

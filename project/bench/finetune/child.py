@@ -15,6 +15,10 @@ warm-up steps. Memory is measured by what holds it:
 
 Each part is its largest value over the measured micro-batches. The meters are passive
 saved-tensor hooks (one Python call per saved tensor), active in every configuration alike.
+
+Under torchrun (spec.distributed ddp or fsdp) every rank measures itself: each optimizer step is a window of
+ranks × grad_accum micro-batches, of which a rank trains its own slice, as finetuning.py does. Parts are what
+the rank holds (its shards under FSDP); rank 0 gathers every rank's result and writes it.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from llama.checkpoint import ModelSource
-from llama.runtime import synchronize
+from llama.runtime import DTYPES, synchronize
 from project.allocator import allocator_settings, release_free_memory
 from project.bench.harness import child_main
+from project.distributed import SINGLE, Ranks, all_sum, gradient_sync, rank_device, rank_slice, setup, teardown, wrap
 from project.memory import (
     PeakMemory,
     SavedTensorMeter,
@@ -69,6 +75,7 @@ class Spec:
     lr: float = 1e-5
     simulate_oom: bool = False  # raise torch.OutOfMemoryError in the first micro-batch (tests the OOM path)
     timeline: Optional[str] = None  # write the memory timeline of one step to this JSON file
+    distributed: str = "none"  # ddp or fsdp: one process per rank under torchrun (project/distributed.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +91,8 @@ class Stack:
     """A model ready to train and its step functions, whatever library it comes from."""
 
     model: nn.Module
-    micro_batch: Callable[[torch.Tensor, torch.Tensor, int], float]  # (input_ids, labels, window label tokens)
+    # (input_ids, labels, the window's label tokens on all ranks, whether to synchronise gradients) -> loss share
+    micro_batch: Callable[[torch.Tensor, torch.Tensor, int, bool], float]
     update: Callable[[], bool]  # optimizer step + zero_grad; True if the GradScaler skipped it
     optimizer: torch.optim.Optimizer
     activation_module: nn.Module  # its forward's saved tensors are "activations"
@@ -148,30 +156,37 @@ class Meters:
         return loss
 
 
-def windows_of(examples: list[dict], spec: Spec, device) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The measured micro-batches (batch size 1) cut into accumulation windows.
+def windows_of(
+    examples: list[dict], spec: Spec, device, ranks: Ranks = SINGLE
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """This rank's measured micro-batches (batch size 1) cut into accumulation windows.
 
-    passes x the fixed set, cycling on through the set until the last window is full (with accumulation
-    8 and 2 examples: one window, each example 4 times), so every micro-batch is one of the same examples.
+    passes x the fixed set, cycling on through the set until the last window of ranks x grad_accum is full
+    (with accumulation 8 and 2 examples: one window, each example 4 times), so every micro-batch is one of the
+    same examples; each rank takes its grad_accum-slice of every window.
     """
+    per_step = spec.grad_accum * ranks.world
     n = len(examples) * spec.passes
-    n = -(-n // spec.grad_accum) * spec.grad_accum
+    n = -(-n // per_step) * per_step
     tensors = [
         (torch.tensor([e["input_ids"]], device=device), torch.tensor([e["labels"]], device=device)) for e in examples
     ]
     batches = [tensors[i % len(tensors)] for i in range(n)]
-    return [batches[i : i + spec.grad_accum] for i in range(0, n, spec.grad_accum)]
+    return [rank_slice(batches[i : i + per_step], ranks, spec.grad_accum) for i in range(0, n, per_step)]
 
 
-def run_window(stack: Stack, meters: Meters, window, device, times: Optional[dict] = None) -> tuple[float, bool]:
+def run_window(
+    stack: Stack, meters: Meters, window, device, times: Optional[dict] = None, ranks: Ranks = SINGLE
+) -> tuple[float, bool]:
     """One optimizer step; appends micro-batch and update seconds to `times`. Returns (mean loss, skipped)."""
     from project.train import label_tokens
 
-    n_labels = sum(label_tokens(labels) for _, labels in window)
+    n_labels = int(all_sum(sum(label_tokens(labels) for _, labels in window), ranks))
     loss = 0.0
-    for input_ids, labels in window:
+    for i, (input_ids, labels) in enumerate(window):
         t0 = time.perf_counter()
-        loss += meters.micro_batch(functools.partial(stack.micro_batch, input_ids, labels, n_labels))
+        last = i == len(window) - 1
+        loss += meters.micro_batch(functools.partial(stack.micro_batch, input_ids, labels, n_labels, last))
         synchronize(device)
         if times is not None:
             times["micro"].append(time.perf_counter() - t0)
@@ -184,7 +199,7 @@ def run_window(stack: Stack, meters: Meters, window, device, times: Optional[dic
     synchronize(device)
     if times is not None:
         times["update"].append(time.perf_counter() - t0)
-    return loss, skipped
+    return all_sum(loss, ranks), skipped
 
 
 def spread(values: list[float]) -> dict:
@@ -197,10 +212,9 @@ def spread(values: list[float]) -> dict:
     }
 
 
-def measure(stack: Stack, spec: Spec, examples: list[dict]) -> dict:
+def measure(stack: Stack, spec: Spec, examples: list[dict], device: torch.device, ranks: Ranks = SINGLE) -> dict:
     """Warm up, then time and meter every measured window; optionally record one step's memory timeline."""
-    device = torch.device(spec.device)
-    windows = windows_of(examples, spec, device)
+    windows = windows_of(examples, spec, device, ranks)
     meters = Meters(stack)
     if spec.simulate_oom:
         stack.micro_batch = _simulated_oom
@@ -208,7 +222,7 @@ def measure(stack: Stack, spec: Spec, examples: list[dict]) -> dict:
     idle_allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     micro_batches = [b for w in windows for b in w]
     for i in range(spec.warmup):  # one-off costs: first touch of the gradient pages, kernel selection
-        run_window(stack, meters, [micro_batches[i % len(micro_batches)]], device)
+        run_window(stack, meters, [micro_batches[i % len(micro_batches)]], device, ranks=ranks)
 
     times = {"micro": [], "update": [], "step": []}
     losses, skipped = [], 0
@@ -217,7 +231,7 @@ def measure(stack: Stack, spec: Spec, examples: list[dict]) -> dict:
     with PeakMemory(device) as peak:
         for window in windows:
             t0 = time.perf_counter()
-            loss, was_skipped = run_window(stack, meters, window, device, times)
+            loss, was_skipped = run_window(stack, meters, window, device, times, ranks)
             times["step"].append(time.perf_counter() - t0)
             losses.append(loss)
             skipped += was_skipped
@@ -280,8 +294,8 @@ def write_timeline(stack: Stack, meters: Meters, window, device, path: str):
 
 
 # ---- this project's stack ----------------------------------------------------------------------------------
-def our_stack(spec: Spec) -> Stack:
-    """The model, LoRA, checkpointing, optimizer and GradScaler exactly as finetuning.py sets them up."""
+def our_stack(spec: Spec, device: torch.device, ranks: Ranks = SINGLE) -> Stack:
+    """The model, LoRA, checkpointing, DDP / FSDP, optimizer and GradScaler exactly as finetuning.py sets them up."""
     from project.checkpointing import apply_checkpointing
     from project.frozen_base import load_dtype, prepare
     from project.train import (
@@ -293,37 +307,62 @@ def our_stack(spec: Spec) -> Stack:
         optimizer_update,
     )
 
-    device = torch.device(spec.device)
     model, _ = spec.source.load(load_dtype(spec.base, spec.precision), device)
     torch.manual_seed(spec.source.seed)
     prepare(model, spec.lora, spec.base, spec.precision)
     apply_checkpointing(model, "all" if spec.grad_ckpt else "none")
     model.train()
     cfg = TrainConfig(lr=spec.lr, optimizer=spec.optimizer, grad_accum=spec.grad_accum, precision=spec.precision)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    net = wrap(NextTokenLoss(model), ranks, DTYPES[spec.precision] if spec.precision != "fp32" else None)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)  # FSDP's shards, if any
     scaler = make_scaler(device, spec.precision)
-    net = NextTokenLoss(model)
 
-    def micro_batch(input_ids, labels, n_labels):
-        return micro_batch_backward(net, input_ids, labels, n_labels, scaler, spec.precision)
+    def micro_batch(input_ids, labels, n_labels, sync):
+        with gradient_sync(net, ranks, sync):
+            return micro_batch_backward(net, input_ids, labels, n_labels, scaler, spec.precision, ranks.world)
 
     return Stack(model, micro_batch, lambda: optimizer_update(optimizer, scaler)[0], optimizer, model, None)
 
 
-def main(build: Callable[[Spec], Stack] = our_stack) -> None:
-    """The child process: build the stack, measure it, record the versions of the libraries it imported."""
+PER_RANK = ("peak_bytes", "param_bytes", "grad_bytes", "optim_bytes", "activation_bytes", "step_s_mean", "micro_s_mean")
+
+
+def gather_ranks(result: dict, ranks: Ranks) -> dict:
+    """Rank 0's result with every rank's peak and parts (lists, in rank order) and the whole job's throughput."""
+    every = [None] * ranks.world
+    dist.all_gather_object(every, result)
+    if not ranks.main:
+        return result
+    merged = dict(result)
+    for key in PER_RANK:
+        merged[f"{key}_ranks"] = json.dumps([r[key] for r in every])
+    merged["peak_bytes_max"] = max(r["peak_bytes"] for r in every)
+    merged["step_s_mean"] = max(r["step_s_mean"] for r in every)  # every rank waits for the slowest at the sync
+    merged["tokens"] = sum(r["tokens"] for r in every)
+    merged["tokens_per_s"] = sum(r["tokens_per_s"] for r in every)
+    return merged
+
+
+def main(build: Callable[[Spec, torch.device, Ranks], Stack] = our_stack) -> None:
+    """The child process (one per rank under torchrun): build the stack, measure it, record the versions of the
+    libraries it imported."""
 
     def run(spec_dict: dict, result: dict):
         spec = Spec.from_dict(spec_dict)
         result["allocator"] = allocator_settings()
+        ranks = setup(spec.distributed, torch.device(spec.device))
+        device = rank_device(torch.device(spec.device), ranks)
         try:
             examples = json.loads(Path(spec.examples).read_text())
             t0 = time.perf_counter()
-            stack = build(spec)
+            stack = build(spec, device, ranks)
             release_free_memory()  # what either stack's loading freed, so that neither carries it into the peak
-            synchronize(torch.device(spec.device))
+            synchronize(device)
             result["load_s"] = time.perf_counter() - t0
-            result.update(measure(stack, spec, examples))
+            result.update(measure(stack, spec, examples, device, ranks))
+            if ranks.on:
+                result.update(gather_ranks(result, ranks))
+                teardown(ranks)
         finally:
             for library in ("transformers", "peft"):  # the hf stack's versions, where this process imported them
                 if library in sys.modules:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from llama.errors import UserError
 from project.bench.finetune.child import Spec, Stack, main
+from project.distributed import Ranks
 
 # Meta projection names -> Hugging Face module names.
 HF_TARGETS = {
@@ -26,14 +28,15 @@ HF_TARGETS = {
 }
 
 
-def hf_stack(spec: Spec) -> Stack:
+def hf_stack(spec: Spec, device: torch.device, ranks: Ranks) -> Stack:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaModel
 
     from project.train import TrainConfig, autocast, make_optimizer, make_scaler, optimizer_update
 
-    device = torch.device(spec.device)
+    if ranks.on:
+        raise UserError("the Hugging Face stack is measured in one process")
     model = LlamaForCausalLM.from_pretrained(spec.hf_dir, dtype=torch.float32).to(device)
     model.config.use_cache = False  # training: no KV cache
     if spec.grad_ckpt:
@@ -56,7 +59,7 @@ def hf_stack(spec: Spec) -> Stack:
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scaler = make_scaler(device, spec.precision)
 
-    def micro_batch(input_ids, labels, n_labels):
+    def micro_batch(input_ids, labels, n_labels, sync):
         # num_items_in_batch: HF sums the token losses and divides by the window's label tokens, as train.py does.
         with autocast(device, spec.precision):
             loss = model(input_ids=input_ids, labels=labels, num_items_in_batch=n_labels).loss

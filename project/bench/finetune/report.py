@@ -400,6 +400,51 @@ def breakdown_section(frame: pd.DataFrame) -> list[str]:
     ]
 
 
+def _per_rank(r: pd.Series, key: str) -> list:
+    """Every rank's value of key (a JSON list in {key}_ranks), or the one process's."""
+    return json.loads(r[f"{key}_ranks"]) if r.ranks > 1 else [r[key]]
+
+
+def ranks_section(frame: pd.DataFrame) -> list[str]:
+    """The configurations run under torchrun (stacks ddp / fsdp) beside one process: what each rank holds and how
+    long its steps take."""
+    rows = frame[frame["stack"] != "hf"]
+    cols = ["Parameters / rank", "Gradients / rank", "Optimizer state / rank", "Activations / rank", "Peak per rank"]
+    cols += ["Micro-batches / rank / step", "Time / step (s)", "Time / micro-batch (s)", "Threads / rank"]
+    lines = ["| Configuration | Stack | Ranks | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
+    for config in dict.fromkeys(rows.config):
+        for row in rows[rows.config == config].itertuples(index=False):
+            r = pd.Series(row._asdict())
+            head = f"| {r.config} | {r['stack']} | {r.ranks} | "
+            if r.status != "ok":
+                lines.append(head + " | ".join([f"{r.status} (×)"] + [""] * (len(cols) - 1)) + " |")
+                continue
+            held = ("param_bytes", "grad_bytes", "optim_bytes", "activation_bytes", "peak_bytes")
+            cells = [" / ".join(fmt_bytes(v) for v in _per_rank(r, key)) for key in held]
+            cells += [
+                str(r.grad_accum),
+                f"{r.step_s_mean:.3f}",
+                " / ".join(f"{v:.3f}" for v in _per_rank(r, "micro_s_mean")),
+                str(int(r.threads)),
+            ]
+            lines.append(head + " | ".join(cells) + " |")
+    return lines + [
+        "",
+        "Values separated by / are rank 0, rank 1, ... Under torchrun `--grad_accum` is per rank (as in "
+        "finetuning.py): an optimizer step takes ranks × grad_accum micro-batches, each rank its own slice, and "
+        "gradients are synchronised once, at the window's last micro-batch. DDP keeps a whole replica on each "
+        "rank; FSDP2 shards parameters, gradients and optimizer state, so each rank holds about 1 / ranks of them "
+        "(activations are each rank's own and do not shrink). The time per step is the slowest rank's. "
+        + (
+            "On a CPU the ranks share the machine's cores (the threads are split between them), so these rows "
+            "show correctness and memory, not a speed-up: parallel ranks pay for it in threads per rank and in "
+            "gradient all-reduces over gloo."
+            if _cpu(frame)
+            else ""
+        ),
+    ]
+
+
 def shape_of(frame: pd.DataFrame) -> str | None:
     """The random-weight shape the rows measured (e.g. llama3.2-1b), or None for a checkpoint."""
     models = {str(m) for m in frame["model"].dropna()}
@@ -448,7 +493,9 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
     limits = out_dir / "machine_limits.json"
     machine = json.loads(limits.read_text()) if limits.exists() else None
     ok = frame[frame.status == "ok"]
-    device = f"{_unique(frame, 'device')} ({_unique(ok, 'device_name')}, {_unique(ok, 'threads')} threads)"
+    distributed = "ranks" in frame and (frame.ranks > 1).any()
+    threads = _unique(ok[ok.ranks == 1] if distributed else ok, "threads")
+    device = f"{_unique(frame, 'device')} ({_unique(ok, 'device_name')}, {threads} threads)"
     versions = f"python {_unique(ok, 'python')}, torch {_unique(ok, 'torch')}, numpy {_unique(ok, 'numpy')}"
     if (frame["stack"] == "hf").any():
         versions += f", transformers {_unique(ok, 'transformers')}, peft {_unique(ok, 'peft')}"
@@ -497,6 +544,8 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
         *breakdown_section(frame),
         "",
         *(["## Against the machine's compute floor", "", *floor_section(frame, machine)] if machine else []),
+        "",
+        *(["## Several processes (torchrun)", "", *ranks_section(frame)] if distributed else []),
         "",
         "![peak memory and time](peak_and_time.png)",
         "",

@@ -25,6 +25,7 @@ from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES, has_native_matmul, log, low_precision_dtype
 from project.allocator import SETTINGS as TUNED_MALLOC
 from project.bench.harness import run_child, status_line
+from project.distributed import MODES, fsdp_refusal
 from project.frozen_base import resolve_base
 from project.model.lora import LoRAConfig
 
@@ -33,6 +34,7 @@ from .configs import ALL_ON, VANILLA, BenchConfig
 
 ALLOCATORS = ("tuned", "default", "inherit")
 CHILD = {"ours": "project.bench.finetune.child", "hf": "project.bench.finetune.hf_child"}
+CHILD.update({mode: CHILD["ours"] for mode in MODES})  # our stack under torchrun: a stack named by its mode
 
 
 @dataclass
@@ -49,6 +51,8 @@ class SweepOptions:
     lr: float = 1e-5
     allocator: str = "tuned"
     compare_hf: bool = False
+    nproc: int = 1  # > 1: also run each configuration under torchrun with that many ranks, in each of `modes`
+    modes: tuple = ()  # ddp, fsdp
     simulate_oom: tuple = ()  # configuration names whose child raises OutOfMemoryError (tests the OOM path)
     timelines: tuple = (VANILLA.name, ALL_ON.name)
     timeout_s: Optional[float] = None  # per child
@@ -123,7 +127,7 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
     if opts.compare_hf:
         check_compare_hf()
     env = child_env(opts.allocator, opts.device)
-    stacks = ["ours", "hf"] if opts.compare_hf else ["ours"]
+    stacks = ["ours", *opts.modes] + (["hf"] if opts.compare_hf else [])
     amp_dtype = low_precision_dtype(opts.device)
     amp_precision = DTYPE_NAMES[amp_dtype]
     rows = []
@@ -153,7 +157,9 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
                     lr=opts.lr,
                     simulate_oom=config.name in opts.simulate_oom,
                     timeline=str(out_dir / f"timeline_{stack}_{config.name}.json") if timeline else None,
+                    distributed=stack if stack in MODES else "none",
                 )
+                ranks = opts.nproc if stack in MODES else 1
                 log(f"[{len(rows) + 1}/{len(configs) * len(stacks)}] {stack} {config.name} ...")
                 t0 = time.perf_counter()
                 if config.amp and not has_native_matmul(opts.device, amp_dtype) and not opts.emulated_amp:
@@ -163,6 +169,8 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
                         "message": f"no native {amp_precision} matmul on this CPU: autocast would run emulated "
                         "kernels (a 1B micro-batch took over 9 minutes on one); --emulated_amp runs it anyway",
                     }
+                elif stack == "fsdp" and fsdp_refusal(spec.base, spec.precision):
+                    result = {"status": "skipped", "message": fsdp_refusal(spec.base, spec.precision)}
                 elif stack == "hf" and config.base != "auto":
                     result = {
                         "status": "skipped",
@@ -171,7 +179,7 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
                     }
                 else:
                     result = run_child(
-                        CHILD[stack], spec.to_dict(), runs, f"{stack}-{config.name}", env, opts.timeout_s
+                        CHILD[stack], spec.to_dict(), runs, f"{stack}-{config.name}", env, opts.timeout_s, ranks
                     )
                 row = {
                     "config": config.name,
@@ -181,7 +189,8 @@ def run_sweep(configs: list[BenchConfig], opts: SweepOptions, out_dir: Path, csv
                     "lora": config.lora,
                     "grad_accum": config.grad_accum,
                     "precision": spec.precision,
-                    "base": spec.base if stack == "ours" else "fp32",
+                    "base": spec.base if stack != "hf" else "fp32",
+                    "ranks": ranks,
                     "device": str(opts.device),
                     "examples": opts.examples,
                     "passes": opts.passes,
