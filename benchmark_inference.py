@@ -27,7 +27,7 @@ from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES, log, resolve_device, resolve_dtype
 from project.bench.harness import device_name, git_commit, measure_limits, staged_output
 from project.bench.inference import report, results
-from project.bench.inference.config import KV_MODES, grid, int_list
+from project.bench.inference.config import COMPILE_MODES, KV_MODES, grid, int_list
 from project.bench.inference.quality import run_quality
 from project.bench.inference.sweep import hf_weights, run_sweep
 from project.cli import name_list, run, writable_dir
@@ -50,6 +50,7 @@ def main(
     threads: Optional[int] = None,
     seed: int = 0,
     quantize="none",
+    compile: str = "off",
     group_size: int = QuantConfig.group_size,
     limits: bool = False,
     simulate_oom: str = "",
@@ -62,6 +63,8 @@ def main(
     --threads defaults to PyTorch's default for this machine; it is the same for every configuration.
     --quantize none,int8,int4 sweeps our stack's weights in those formats (project/quant.py; int4 in groups
     of --group_size input columns); Hugging Face runs once, with the model's own weights.
+    --compile on decodes with torch.compile's static-shape step (compiled once per configuration, untimed, in
+    about 1-2 minutes on 2 CPU cores); both runs every configuration of ours both ways.
     --limits runs ../shared/tools/machine_limits.py first (about 30 s) and sets our figures against them.
     --report_only rebuilds report.md, summary.csv and the plots in --out from its results.csv and meta.json.
     --timeout_s records a configuration still running after that many seconds (loading included) as timeout.
@@ -90,6 +93,9 @@ def main(
                                          (output_lens, "output_lens"))]  # fmt: skip
     if str(kv) not in KV_MODES:
         raise UserError(f"--kv must be on, off or both (got {kv!r})")
+    compile_mode = {True: "on", False: "off"}.get(compile, compile)  # a bare --compile is True
+    if compile_mode not in COMPILE_MODES:
+        raise UserError(f"--compile must be off, on or both (got {compile!r})")
     modes = name_list(quantize)
     quants = [QuantConfig(m, int(group_size)) for m in modes or ["none"]]
     tf_version = ""
@@ -127,6 +133,7 @@ def main(
                 kv,
                 stacks,
                 quants,
+                compile_mode,
                 device=str(dev),
                 dtype=DTYPE_NAMES[dt],
                 threads=threads,

@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import ModelSource
 from .errors import UserError
-from .model import Transformer
+from .model import Transformer, fuse_projections
 from .runtime import describe, log, resolve_device, resolve_dtype, synchronize
 from .tokenizer import Message
 
@@ -70,6 +70,9 @@ def decode_one_token(
     return model(tokens[:, :cur], 0, pad_lens, last_only=True)
 
 
+CACHE_BLOCK = 256  # compiled decoding: KV cache lengths are rounded up to a multiple, so one graph serves many calls
+
+
 def _clock(device: torch.device) -> float:
     """perf_counter() once the device's queued work is done."""
     synchronize(device)
@@ -77,19 +80,30 @@ def _clock(device: torch.device) -> float:
 
 
 class Llama:
-    def __init__(self, model: Transformer, tokenizer, device: torch.device):
+    """A model and its tokenizer, ready to generate.
+
+    compile: decode with Transformer.step compiled by torch.compile (static shapes: compiled once per batch size
+    and cache length, which is rounded up to a multiple of CACHE_BLOCK); the first generate call pays for the
+    compilation. Prefill and cache-off decoding are not compiled (their shapes change with every prompt)."""
+
+    def __init__(self, model: Transformer, tokenizer, device: torch.device, compile: bool = False):
         self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.step = torch.compile(model.step, fullgraph=True, dynamic=False) if compile else None
 
     @staticmethod
-    def build(source: ModelSource = ModelSource(), device: str = "auto", dtype: str = "auto") -> Llama:
-        """Load source's model (default: the embedded SmolLM2) on the device in the dtype, and say what was loaded."""
+    def build(
+        source: ModelSource = ModelSource(), device: str = "auto", dtype: str = "auto", compile: bool = False
+    ) -> Llama:
+        """Load source's model (default: the embedded SmolLM2) on the device in the dtype, fuse its projections for
+        inference (llama.model.fuse_projections), and say what was loaded."""
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         start = time.perf_counter()
         model, tokenizer = source.load(dt, dev)
         n = sum(p.numel() for p in model.parameters()) / 1e6
+        fuse_projections(model)
         log(f"loaded {source.name}: {n:.1f}M parameters in {time.perf_counter() - start:.1f}s; {describe(dev, dt)}")
-        return Llama(model, tokenizer, dev)
+        return Llama(model, tokenizer, dev, compile)
 
     @torch.inference_mode()
     def generate(
@@ -143,15 +157,23 @@ class Llama:
             done.logical_or_(torch.isin(nxt, stop_ids))
             return bool(done.all())  # the one host sync per token, and only with stop_at_eos
 
+        static = self.step is not None and use_kv_cache
         if use_kv_cache:
-            model.setup_cache(B, total)
+            cache_len = min(-(-total // CACHE_BLOCK) * CACHE_BLOCK, model.args.max_seq_len) if static else total
+            model.setup_cache(B, cache_len)
             out.kv_cache_bytes = model.cache_nbytes()
+        # The compiled step's inputs, updated in place: the same tensors (shapes, strides) at every step.
+        pos, last = (torch.zeros(n, dtype=torch.long, device=self.device) for n in ((1,), (B, 1)))
         try:
             start = _clock(self.device)
             finished = max_gen_len == 0 or append(prefill(model, tokens[:, :cur], pad_lens))
             prefilled = _clock(self.device)
             while not finished and cur < total:
-                finished = append(decode_one_token(model, tokens, cur, pad_lens, use_kv_cache))
+                if static:
+                    logits = self.step(last.copy_(tokens[:, cur - 1 : cur]), pos.fill_(cur - 1), pad_lens)
+                else:
+                    logits = decode_one_token(model, tokens, cur, pad_lens, use_kv_cache)
+                finished = append(logits)
             end = _clock(self.device)
         finally:
             model.clear_cache()

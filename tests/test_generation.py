@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM
 
 from llama.checkpoint import save_hf
 from llama.generation import Llama, decode_one_token, prefill, sample
-from llama.model import KVCache
+from llama.model import KVCache, fuse_projections
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 250, 8, 1], [200, 13], [9, 9, 31, 64, 77]]
 GEN = 24
@@ -49,6 +49,21 @@ def test_greedy_cache_on_off_and_batch_rows_identical(tiny_llama):
     assert [greedy(tiny_llama, [p], False)[0] for p in PROMPTS] == singles
     assert greedy(tiny_llama, PROMPTS, True) == singles  # unequal lengths: left padding must not leak
     assert greedy(tiny_llama, PROMPTS, False) == singles
+
+
+def test_compiled_decode_token_identical_to_the_plain_path(tiny_llama):
+    """Llama(compile=True) decodes with torch.compile(Transformer.step): the same greedy tokens as the plain path,
+    for single prompts and a left-padded batch, and one compiled graph serves calls of other lengths (the cache is
+    rounded up to CACHE_BLOCK)."""
+    import torch._dynamo
+
+    singles = [greedy(tiny_llama, [p], True)[0] for p in PROMPTS]
+    torch._dynamo.reset()
+    compiled = Llama(fuse_projections(tiny_model(seed=5)), ToyTokenizer(), torch.device("cpu"), compile=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert greedy(compiled, PROMPTS, True) == singles
+        assert greedy(compiled, PROMPTS, True, n=7) == [s[:7] for s in singles]  # same shapes: no recompilation
+    assert greedy(compiled, PROMPTS, False) == singles  # without the cache: the plain path
 
 
 def test_greedy_default_model_cache_on_off_and_batch(default_model):

@@ -10,7 +10,7 @@ from conftest import TINY_ROPE, randomize_, tiny_args, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama.checkpoint import interleaved_to_rotate_half, load_checkpoint, save_hf
-from llama.model import KVCache, ModelArgs, RMSNorm, RopeScaling, apply_rope, rope_inv_freq
+from llama.model import KVCache, ModelArgs, RMSNorm, RopeScaling, apply_rope, fuse_projections, rope_inv_freq
 from project.checkpointing import apply_checkpointing
 
 # (name, ModelArgs overrides): GQA + Llama 3 scaling; tied embeddings without scaling (plain MHA);
@@ -221,6 +221,48 @@ def test_cached_chunks_equal_one_full_forward():
         parts = [model(x[:, :15], 0), model(x[:, 15:30], 15)] + [model(x[:, i : i + 1], i) for i in range(30, 40)]
         model.clear_cache()
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_projections_give_the_unfused_outputs():
+    """wqkv / w13 hold the separate weights stacked: the same logits, prefill and cached decode, and 4 matmuls
+    per block instead of 7. A LoRA-wrapped projection is refused (fusing would drop its adapter)."""
+    model, fused = tiny_model(seed=3), fuse_projections(tiny_model(seed=3))
+    x = tokens(seq=20)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), atol=1e-6, rtol=1e-6)
+        for m in (model, fused):
+            m.setup_cache(2, 21)
+            m(x, 0)
+        torch.testing.assert_close(fused(x[:, :1], 20), model(x[:, :1], 20), atol=1e-6, rtol=1e-6)
+    block = fused.layers[0]
+    linears = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(linears) == ["attention.wo", "attention.wqkv", "feed_forward.w13", "feed_forward.w2"]
+    a = model.args
+    assert block.attention.wqkv.weight.shape == ((a.n_heads + 2 * a.n_kv_heads) * a.head_dim, a.dim)
+    torch.testing.assert_close(block.feed_forward.w13.weight[a.hidden_dim :], model.layers[0].feed_forward.w3.weight)
+
+    from project.model.lora import LoRAConfig, apply_lora
+
+    with pytest.raises(ValueError, match="plain nn.Linear"):
+        fuse_projections(apply_lora(tiny_model(), LoRAConfig()))
+
+
+def test_static_step_equals_the_cached_decode():
+    """Transformer.step (the whole cache read, keys masked by position and padding) gives forward's logits for
+    the same token, position and left padding."""
+    model = tiny_model(seed=4)
+    x, pad_lens = tokens(seq=12), torch.tensor([0, 5])
+    with torch.no_grad():
+        model.setup_cache(2, 32)
+        model(x, 0, pad_lens)
+        want = model(x[:, -1:], 12, pad_lens, last_only=True)  # writes position 12, like step does
+        got = model.step(x[:, -1:], torch.tensor([12]), pad_lens)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        model.setup_cache(2, 32)
+        model(x, 0)
+        torch.testing.assert_close(
+            model.step(x[:, -1:], torch.tensor([12])), model(x[:, -1:], 12, last_only=True), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_last_only_returns_last_position():

@@ -29,6 +29,7 @@ class Spec:
     warmup: int
     source: ModelSource = ModelSource()
     quant: QuantConfig = QuantConfig()  # weight-only quantization of our stack (project/quant.py)
+    compile: bool = False  # our stack: decode with the compiled static-shape step (llama.generation.Llama)
     hf_dir: Optional[str] = None  # the same weights in Hugging Face layout (converted), for stack "hf"
     prompt: Optional[list[int]] = None  # exact prompt ids; None: build them from the model's tokenizer
     simulate_oom: bool = False  # raise torch.OutOfMemoryError after loading (tests the OOM path)
@@ -37,6 +38,7 @@ class Spec:
     def name(self) -> str:
         kv = "on " if self.kv_cache else "off"
         weights = f" {self.quant.name}" if self.quant.mode != "none" else ""
+        weights += " compiled" if self.compile else ""
         return f"{self.stack:4s}{weights} kv {kv} batch {self.batch_size:3d} in {self.input_len} out {self.output_len}"
 
     def matches(self, selector: str) -> bool:
@@ -72,18 +74,33 @@ def int_list(value, name: str) -> list[int]:
     return out
 
 
+COMPILE_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
 def grid(
-    batch_sizes, input_lens, output_lens, kv: str, stacks: list[str], quants: list[QuantConfig], **common
+    batch_sizes,
+    input_lens,
+    output_lens,
+    kv: str,
+    stacks: list[str],
+    quants: list[QuantConfig],
+    compile: str = "off",
+    **common,
 ) -> list[Spec]:
     """Every combination, ordered so that each stack's cache-on and cache-off runs sit next to each other.
 
-    Quantized weights are ours only: the hf stack runs once per configuration, with the model's own weights."""
+    Quantized weights and compiled decoding are ours only: the other stacks run once per configuration, with the
+    model's own weights. A compiled decode needs the KV cache (without it, decoding is the plain path)."""
     if kv not in KV_MODES:
         raise UserError(f"--kv must be on, off or both (got {kv!r})")
-    variants = [("ours", q) for q in quants] + [(s, QuantConfig()) for s in stacks if s != "ours"]
+    if compile not in COMPILE_MODES:
+        raise UserError(f"--compile must be off, on or both (got {compile!r})")
+    ours = [("ours", q, c) for q in quants for c in COMPILE_MODES[compile]]
+    variants = ours + [(s, QuantConfig(), False) for s in stacks if s != "ours"]
     return [
-        Spec(stack=stack, kv_cache=cache, batch_size=b, input_len=i, output_len=o, quant=quant, **common)
-        for i, o, b, cache, (stack, quant) in itertools.product(
+        Spec(stack=stack, kv_cache=cache, batch_size=b, input_len=i, output_len=o, quant=quant, compile=c, **common)
+        for i, o, b, cache, (stack, quant, c) in itertools.product(
             input_lens, output_lens, batch_sizes, KV_MODES[kv], variants
         )
+        if cache or not c
     ]

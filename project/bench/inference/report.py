@@ -14,9 +14,13 @@ from project.bench.inference.quality import GREEDY_TOKENS, PROMPTS
 STACK_NAMES = {"ours": "ours (llama/)", "hf": "Hugging Face transformers"}
 
 
-def stack_name(stack: str, quantize: str = "none") -> str:
-    """'ours (llama/)', 'ours (llama/), int8 weights', 'Hugging Face transformers'."""
-    return STACK_NAMES.get(stack, stack) + (f", {quantize} weights" if quantize != "none" else "")
+def stack_name(stack: str, quantize: str = "none", decode: str = "eager") -> str:
+    """'ours (llama/)', 'ours (llama/), int8 weights, compiled decode', 'Hugging Face transformers'."""
+    weights = f", {quantize} weights" if quantize != "none" else ""
+    return STACK_NAMES.get(stack, stack) + weights + (", compiled decode" if decode == "compiled" else "")
+
+
+VARIANT = ["stack", "quantize", "decode"]  # what tells two rows of one configuration apart
 
 
 PLOTS = {"batch_size": "vs_batch_size.png", "output_len": "vs_output_len.png"}  # x axis -> file, when swept
@@ -118,6 +122,7 @@ def details(s: pd.DataFrame) -> list[str]:
     cols = [
         "stack",
         "quantize",
+        "decode",
         "kv_cache",
         "batch_size",
         "input_len",
@@ -154,12 +159,12 @@ def tables(summary: pd.DataFrame, level: str = "##") -> list[str]:
     ours (each weight format) where both ran."""
     lines = []
     for (i, o), s in summary.groupby(["input_len", "output_len"], sort=False):
-        for (stack, quant), se in s.groupby(["stack", "quantize"], sort=False):
-            lines += [f"{level} {stack_name(stack, quant)}: prompt {i} tokens, {o} new tokens", ""]
+        for variant, se in s.groupby(VARIANT, sort=False):
+            lines += [f"{level} {stack_name(*variant)}: prompt {i} tokens, {o} new tokens", ""]
             lines += table1(se) + [""]
         hf = s[s["stack"] == "hf"]
-        for quant, ours in s[s["stack"] == "ours"].groupby("quantize", sort=False) if len(hf) else ():
-            lines += [f"{level} Hugging Face ÷ {stack_name('ours', quant)}: prompt {i} tokens, {o} new tokens", ""]
+        for variant, ours in s[s["stack"] == "ours"].groupby(VARIANT, sort=False) if len(hf) else ():
+            lines += [f"{level} Hugging Face ÷ {stack_name(*variant)}: prompt {i} tokens, {o} new tokens", ""]
             lines += comparison(ours, hf) + [""]
     return lines
 
@@ -168,12 +173,12 @@ def by_output_len(summary: pd.DataFrame) -> list[str]:
     """Runtime and time per output token against the number of new tokens, one table per stack, prompt length and
     batch size swept over 3+ output lengths (vs_output_len.png draws the same; report.md shows it as Table 1s)."""
     lines = []
-    for (stack, quant, i, b), s in summary.groupby(["stack", "quantize", "input_len", "batch_size"], sort=False):
+    for (stack, quant, decode, i, b), s in summary.groupby([*VARIANT, "input_len", "batch_size"], sort=False):
         lengths = sorted(s.output_len.unique())
         if len(lengths) < 3:
             continue
         lines += [
-            f"{stack_name(stack, quant)}, prompt {i} tokens, batch {b}:",
+            f"{stack_name(stack, quant, decode)}, prompt {i} tokens, batch {b}:",
             "",
             "| KV cache | | " + " | ".join(f"{n} new" for n in lengths) + " |",
             "|---|---|" + "---:|" * len(lengths),
@@ -249,14 +254,27 @@ def limits_section(machine: dict, summary: pd.DataFrame, model: str) -> list[str
         for r in rows.itertuples():
             per_weight = {"none": BYTES.get(r.dtype, 2), "int8": 1}.get(r.quantize, 0.5)
             limit = bound * 2 / per_weight
+            compiled = ", compiled" if getattr(r, "decode", "eager") == "compiled" else ""
             lines.append(
-                f"| {r.quantize} ({r.dtype}) | {r.decode_tokens_per_s:.1f} | {limit:.1f} | "
+                f"| {r.quantize} ({r.dtype}{compiled}) | {r.decode_tokens_per_s:.1f} | {limit:.1f} | "
                 f"{100 * r.decode_tokens_per_s / limit:.0f}% |"
             )
     return lines
 
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def compile_note(summary: pd.DataFrame) -> list[str]:
+    """How long torch.compile took, where a configuration decoded with the compiled step."""
+    took = summary.compile_s.dropna() if "compile_s" in summary else []
+    if not len(took):
+        return []
+    return [
+        f"- compiled decode: `torch.compile` of the static-shape decode step (llama.model.Transformer.step), done once "
+        f"per configuration by a first generate call that is not timed; it took {took.min():.0f}–{took.max():.0f} s "
+        "(the inductor cache on disk makes later runs faster)"
+    ]
 
 
 def report(
@@ -279,6 +297,7 @@ def report(
         f"{meta['warmup']} warm-up run(s) of 2 new tokens, then the median of {meta['repeats']} (min–max in brackets)",
         f"- peak memory: {meta['memory_note']}",
         *steal_note(summary),
+        *compile_note(summary),
         "",
     ]
     if machine is not None:
@@ -326,7 +345,7 @@ def plots(summary: pd.DataFrame, out: Path) -> list[str]:
             panels.append(("ms_per_token", "time per output token (ms)"))
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
         for ax, (col, label) in zip(axes, panels):
-            for (stack, quant, kv, i, o_val), g in s.groupby(["stack", "quantize", "kv_cache", "input_len", other]):
+            for (stack, quant, decode, kv, i, o_val), g in s.groupby([*VARIANT, "kv_cache", "input_len", other]):
                 g = g.sort_values(x)
                 style = "-" if kv == "on" else "--"
                 ax.plot(
@@ -334,7 +353,8 @@ def plots(summary: pd.DataFrame, out: Path) -> list[str]:
                     g[col],
                     style,
                     marker="o" if stack == "ours" else "s",
-                    label=f"{stack_name(stack, quant)}, cache {kv}, {other.replace('_', ' ')} {o_val}, prompt {i}",
+                    label=f"{stack_name(stack, quant, decode)}, cache {kv}, {other.replace('_', ' ')} {o_val}, "
+                    f"prompt {i}",
                 )
             ax.set_xlabel(x.replace("_", " "))
             ax.set_ylabel(label)

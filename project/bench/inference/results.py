@@ -12,7 +12,7 @@ from project.bench.inference.config import Spec
 from project.bench.inference.prompt import tokens_sha
 
 MiB = 1 << 20
-KEYS = ["stack", "quantize", "kv_cache", "batch_size", "input_len", "output_len"]
+KEYS = ["stack", "quantize", "decode", "kv_cache", "batch_size", "input_len", "output_len"]
 CSV_COLUMNS = KEYS + [
     "repeat",
     "status",
@@ -28,6 +28,7 @@ CSV_COLUMNS = KEYS + [
     "weights_mib",
     "baseline_mib",
     "kv_cache_bytes",
+    "compile_s",
     "n_generated",
     "tokens_sha",
     "prompt_sha",
@@ -53,6 +54,7 @@ def rows(done: list[tuple[Spec, dict]], meta: dict) -> list[dict]:
         base = {
             "stack": spec.stack,
             "quantize": spec.quant.name,
+            "decode": "compiled" if spec.compile else "eager",
             "quantization": res.get("quantization", ""),
             "kv_cache": "on" if spec.kv_cache else "off",
             "batch_size": spec.batch_size,
@@ -66,6 +68,7 @@ def rows(done: list[tuple[Spec, dict]], meta: dict) -> list[dict]:
             "transformers_version": res.get("transformers_version", "") if spec.stack == "hf" else "",
             "message": res.get("message", ""),
             "cpu_steal": res.get("cpu_steal"),
+            "compile_s": res.get("compile_s"),
             **{k: meta[k] for k in ("model", "device", "dtype", "threads", "torch_version", "commit")},
         }
         if res["status"] != "ok":
@@ -113,13 +116,16 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         "peak_reserved_mib",
         "weights_mib",
         "kv_cache_bytes",
+        "compile_s",
     ]
     out = []
+    if "decode" not in df:  # files from before compiled decoding
+        df = df.assign(decode="eager")
     for key, g in df.groupby(KEYS, sort=False):
         row = dict(zip(KEYS, key), status=g["status"].iloc[0], repeats=int(g["repeat"].notna().sum()))
         ok = g[g["status"] == "ok"]
         for c in numeric:
-            row[c] = pd.to_numeric(ok[c]).median() if len(ok) else None
+            row[c] = pd.to_numeric(ok[c]).median() if len(ok) and c in ok else None
         if "cpu_steal" in g:  # one value per configuration (the child process), absent in older files
             row["cpu_steal"] = pd.to_numeric(g["cpu_steal"]).max()
         row["wall_min_s"] = ok["wall_s"].min() if len(ok) else None
