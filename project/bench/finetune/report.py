@@ -438,7 +438,10 @@ def ranks_section(frame: pd.DataFrame) -> list[str]:
         + (
             "On a CPU the ranks share the machine's cores (the threads are split between them), so these rows "
             "show correctness and memory, not a speed-up: parallel ranks pay for it in threads per rank and in "
-            "gradient all-reduces over gloo."
+            "all-reduces (DDP) or all-gathers of every block's weights (FSDP) over gloo. Nor does a rank's peak "
+            "resident memory show FSDP's sharding on a CPU: every rank loads the whole checkpoint before sharding "
+            "it, and the allocator keeps what was freed (project/allocator.py); the tensor bytes in the first "
+            "columns are what shrink, as a GPU's allocated memory would."
             if _cpu(frame)
             else ""
         ),
@@ -517,10 +520,14 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
         f"    {_unique(frame, 'command')}",
         "",
         f"- **device**: {device}",
-        f"- **dtype**: full fine-tuning keeps fp32 master weights; LoRA runs hold the frozen base as the *weights "
+        "- **dtype**: full fine-tuning keeps fp32 master weights; LoRA runs hold the frozen base as the *weights "
         "held in* column says (project/frozen_base.py) and the adapters, their gradients and optimizer state in "
-        f"fp32; mixed precision = {_unique(frame[frame.amp], 'precision')} autocast"
-        + (" + GradScaler" if (frame.precision == "fp16").any() else "")
+        + (
+            f"fp32; mixed precision = {_unique(frame[frame.amp], 'precision')} autocast"
+            + (" + GradScaler" if (frame.precision == "fp16").any() else "")
+            if frame.amp.any()
+            else "fp32 (no mixed-precision configuration in this run)"
+        )
         + "; the loss is fp32 everywhere",
         f"- **versions**: {versions}; commit {_unique(frame, 'commit')}",
         f"- **allocator**: {_unique(frame, 'allocator')}",
