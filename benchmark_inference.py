@@ -28,6 +28,7 @@ from llama.runtime import DTYPE_NAMES, log, resolve_device, resolve_dtype
 from project.bench.harness import device_name, git_commit, measure_limits, staged_output
 from project.bench.inference import report, results
 from project.bench.inference.config import COMPILE_MODES, KV_MODES, grid, int_list
+from project.bench.inference.llamacpp import GGUF_FOR, GGUF_FROM_DTYPE, check_installed, gguf_files
 from project.bench.inference.quality import run_quality
 from project.bench.inference.sweep import hf_weights, run_sweep
 from project.cli import name_list, run, writable_dir
@@ -59,7 +60,8 @@ def main(
 ):
     """Sweep batch_sizes × input_lens × output_lens × KV cache (on/off/both), each in a fresh process.
 
-    --compare hf also runs Hugging Face transformers' generate on the same weights and prompt ids.
+    --compare hf also runs Hugging Face transformers' generate on the same weights and prompt ids; --compare
+    llamacpp (or hf,llamacpp) llama.cpp through llama-cpp-python on the same weights written as GGUF (batch 1).
     --threads defaults to PyTorch's default for this machine; it is the same for every configuration.
     --quantize none,int8,int4 sweeps our stack's weights in those formats (project/quant.py; int4 in groups
     of --group_size input columns); Hugging Face runs once, with the model's own weights.
@@ -79,8 +81,9 @@ def main(
         log(f"wrote {folder / 'report.md'}, summary.csv and the plots from {folder / 'results.csv'}")
         return
     source = ModelSource(ckpt_dir, shape, int(seed))
-    if compare not in (None, "hf"):
-        raise UserError(f"--compare only knows 'hf' (got {compare!r})")
+    others = name_list(compare)
+    if not set(others) <= {"hf", "llamacpp"}:
+        raise UserError(f"--compare takes hf and/or llamacpp (got {compare!r})")
     if timeout_s is not None and not timeout_s > 0:
         raise UserError(f"--timeout_s must be a positive number of seconds, not {timeout_s}")
     if int(repeats) < 1 or int(warmup) < 0:
@@ -88,7 +91,7 @@ def main(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     threads = int(threads or torch.get_num_threads())
-    stacks = ["ours", "hf"] if compare else ["ours"]
+    stacks = ["ours", *others]
     sizes = [int_list(v, n) for v, n in ((batch_sizes, "batch_sizes"), (input_lens, "input_lens"),
                                          (output_lens, "output_lens"))]  # fmt: skip
     if str(kv) not in KV_MODES:
@@ -99,7 +102,11 @@ def main(
     modes = name_list(quantize)
     quants = [QuantConfig(m, int(group_size)) for m in modes or ["none"]]
     tf_version = ""
-    if compare:
+    if "llamacpp" in others:
+        check_installed()
+        if dev.type != "cpu":
+            raise UserError("--compare llamacpp measures llama-cpp-python's CPU build; use --device cpu")
+    if "hf" in others:
         try:
             tf_version = importlib.metadata.version("transformers")
         except importlib.metadata.PackageNotFoundError:
@@ -117,6 +124,7 @@ def main(
             "device_name": device_name(dev),
             "torch_version": torch.__version__,
             "transformers_version": tf_version,
+            "llama_cpp_version": importlib.metadata.version("llama_cpp_python") if "llamacpp" in others else "",
             "commit": git_commit(),
             "command": "python benchmark_inference.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
             "date": datetime.date.today().isoformat(),
@@ -127,7 +135,8 @@ def main(
         if limits:
             measure_limits(run_dir)  # machine_limits.json, which the report reads
         with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
-            hf_dir = hf_weights(source, dt, Path(tmp) / "hf") if compare else None
+            hf_dir = hf_weights(source, dt, Path(tmp) / "hf") if "hf" in others else None
+            ggufs = gguf_files(source, DTYPE_NAMES[dt], modes or ["none"], Path(tmp)) if "llamacpp" in others else {}
             specs = grid(
                 *sizes,
                 kv,
@@ -144,6 +153,8 @@ def main(
             )
             for spec in specs:
                 spec.simulate_oom = spec.matches(simulate_oom)
+                if spec.stack == "llamacpp":
+                    spec.gguf = ggufs[GGUF_FOR[spec.quant.mode] or GGUF_FROM_DTYPE[DTYPE_NAMES[dt]]]
             log(
                 f"{len(specs)} configurations of {source.name} on {meta['device']} ({meta['device_name']}), "
                 f"{meta['dtype']}, {threads} threads; results in {run_dir}"

@@ -60,6 +60,10 @@ def run(spec_dict: dict, result: dict):
         from project.bench.inference.hf import run_hf
 
         result["runs"] = run_hf(spec, device, result)
+    elif spec.stack == "llamacpp":
+        from project.bench.inference.llamacpp import run_llamacpp
+
+        result["runs"] = run_llamacpp(spec, device, result)
     else:
         raise UserError(f"unknown stack {spec.stack!r}")
 

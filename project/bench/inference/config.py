@@ -31,6 +31,7 @@ class Spec:
     quant: QuantConfig = QuantConfig()  # weight-only quantization of our stack (project/quant.py)
     compile: bool = False  # our stack: decode with the compiled static-shape step (llama.generation.Llama)
     hf_dir: Optional[str] = None  # the same weights in Hugging Face layout (converted), for stack "hf"
+    gguf: Optional[str] = None  # stack "llamacpp": the GGUF file holding quant's counterpart (llamacpp.py)
     prompt: Optional[list[int]] = None  # exact prompt ids; None: build them from the model's tokenizer
     simulate_oom: bool = False  # raise torch.OutOfMemoryError after loading (tests the OOM path)
 
@@ -89,18 +90,20 @@ def grid(
 ) -> list[Spec]:
     """Every combination, ordered so that each stack's cache-on and cache-off runs sit next to each other.
 
-    Quantized weights and compiled decoding are ours only: the other stacks run once per configuration, with the
-    model's own weights. A compiled decode needs the KV cache (without it, decoding is the plain path)."""
+    Compiled decoding is ours only; Hugging Face runs once per configuration, with the model's own weights;
+    llama.cpp runs each weight format's counterpart (project/bench/inference/llamacpp.py), at batch 1 with its
+    cache. A compiled decode needs the KV cache (without it, decoding is the plain path)."""
     if kv not in KV_MODES:
         raise UserError(f"--kv must be on, off or both (got {kv!r})")
     if compile not in COMPILE_MODES:
         raise UserError(f"--compile must be off, on or both (got {compile!r})")
     ours = [("ours", q, c) for q in quants for c in COMPILE_MODES[compile]]
-    variants = ours + [(s, QuantConfig(), False) for s in stacks if s != "ours"]
+    variants = ours + [(s, QuantConfig(), False) for s in stacks if s == "hf"]
+    variants += [("llamacpp", q, False) for q in quants if "llamacpp" in stacks]
     return [
         Spec(stack=stack, kv_cache=cache, batch_size=b, input_len=i, output_len=o, quant=quant, compile=c, **common)
         for i, o, b, cache, (stack, quant, c) in itertools.product(
             input_lens, output_lens, batch_sizes, KV_MODES[kv], variants
         )
-        if cache or not c
+        if (cache or not c) and (stack != "llamacpp" or (cache and b == 1))
     ]

@@ -9,13 +9,18 @@ from pathlib import Path
 import pandas as pd
 
 from llama.checkpoint import atomic_write
+from project.bench.inference.llamacpp import GGUF_FOR
 from project.bench.inference.quality import GREEDY_TOKENS, PROMPTS
 
-STACK_NAMES = {"ours": "ours (llama/)", "hf": "Hugging Face transformers"}
+STACK_NAMES = {"ours": "ours (llama/)", "hf": "Hugging Face transformers", "llamacpp": "llama.cpp"}
 
 
 def stack_name(stack: str, quantize: str = "none", decode: str = "eager") -> str:
-    """'ours (llama/)', 'ours (llama/), int8 weights, compiled decode', 'Hugging Face transformers'."""
+    """'ours (llama/)', 'ours (llama/), int8 weights, compiled decode', 'Hugging Face transformers', 'llama.cpp,
+    Q8_0 weights' (llama.cpp's counterpart of our int8)."""
+    if stack == "llamacpp":
+        kind = GGUF_FOR.get(quantize.split("-")[0])
+        return STACK_NAMES[stack] + (f", {kind.upper()} weights" if kind else ", unquantized GGUF")
     weights = f", {quantize} weights" if quantize != "none" else ""
     return STACK_NAMES.get(stack, stack) + weights + (", compiled decode" if decode == "compiled" else "")
 
@@ -265,6 +270,43 @@ def limits_section(machine: dict, summary: pd.DataFrame, model: str) -> list[str
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
+def speed_table(summary: pd.DataFrame) -> list[str]:
+    """Prefill time and decode rate of every engine and variant, and ours against Hugging Face and against
+    llama.cpp on the same kind of weights (above 1: ours is faster)."""
+    s = summary[(summary.kv_cache == "on") & (summary.status == "ok")]
+    lines = [
+        "| prompt, new | batch | engine | prefill (s) | decode tokens/s | decode ÷ HF | HF prefill ÷ this | "
+        "decode ÷ llama.cpp (same kind of weights) | same tokens as HF |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for (i, o, b), g in s.groupby(["input_len", "output_len", "batch_size"], sort=True):
+        hf = g[g["stack"] == "hf"]
+        hf = hf.iloc[0] if len(hf) else None
+        for r in g.itertuples():
+            cpp = g[(g["stack"] == "llamacpp") & (g.quantize == r.quantize)]
+            cpp = cpp.iloc[0] if len(cpp) and r.stack != "llamacpp" else None
+            cells = [
+                f"{i}, {o}",
+                str(b),
+                stack_name(r.stack, r.quantize, r.decode),
+                f"{r.prefill_s:.3f}",
+                f"{r.decode_tokens_per_s:,.1f}",
+                f"{r.decode_tokens_per_s / hf.decode_tokens_per_s:.2f}×" if hf is not None else "–",
+                f"{hf.prefill_s / r.prefill_s:.2f}×" if hf is not None else "–",
+                f"{r.decode_tokens_per_s / cpp.decode_tokens_per_s:.2f}×" if cpp is not None else "–",
+                ("yes" if r.tokens_sha == hf.tokens_sha else "no") if hf is not None else "–",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + [
+        "",
+        "Decode tokens/s: batch × (new tokens − 1) ÷ the decode time (every token after the first); prefill: the "
+        "prompt's forward pass until the first token. llama.cpp runs its GGUF counterpart of each of our weight "
+        "formats (unquantized in the run's dtype, Q8_0 for int8, Q4_1 for int4: a scale and a minimum per 32 "
+        "weights, the scheme of our int4-g32), batch 1, its default f16 KV cache. Quantized formats and other "
+        "kernels round differently, so *same tokens* is expected only of unquantized fp32 rows.",
+    ]
+
+
 def compile_note(summary: pd.DataFrame) -> list[str]:
     """How long torch.compile took, where a configuration decoded with the compiled step."""
     took = summary.compile_s.dropna() if "compile_s" in summary else []
@@ -291,7 +333,8 @@ def report(
         "",
         f"- device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads; dtype {meta['dtype']}",
         f"- torch {meta['torch_version']}"
-        + (f", transformers {meta['transformers_version']}" if meta.get("transformers_version") else ""),
+        + (f", transformers {meta['transformers_version']}" if meta.get("transformers_version") else "")
+        + (f", llama-cpp-python {meta['llama_cpp_version']}" if meta.get("llama_cpp_version") else ""),
         f"- greedy decoding, exactly `output_len` new tokens per row (no stop at EOS); every row of a batch is the "
         f"same prompt of exactly `input_len` tokens; each configuration in a fresh process; "
         f"{meta['warmup']} warm-up run(s) of 2 new tokens, then the median of {meta['repeats']} (min–max in brackets)",
@@ -303,6 +346,8 @@ def report(
     if machine is not None:
         lines += ["## This machine's limits (`../shared/tools/machine_limits.py --json`, machine_limits.json)", ""]
         lines += limits_section(machine, summary.assign(dtype=meta["dtype"]), meta["model"]) + [""]
+    if summary["stack"].nunique() > 1 or ("decode" in summary and summary.decode.nunique() > 1):
+        lines += ["## Prefill and decode side by side (KV cache on)", "", *speed_table(summary), ""]
     lines += tables(summary)
     if quality is not None:
         lines += [

@@ -1,0 +1,133 @@
+"""The llama.cpp side of `--compare llamacpp`: the engine a CPU user would pick instead, on the same weights.
+
+The parent writes our loaded model as a GGUF file (llama/export.py, in the run's dtype) and has llama.cpp's own
+quantizer make the counterparts of our weight formats from it: int8 per channel -> Q8_0 (a scale per 32 weights),
+int4 with a scale and a minimum per group -> Q4_1 (the same scheme, groups of 32). The child generates with
+llama-cpp-python (an optional benchmark dependency that compiles llama.cpp on install, never a runtime one):
+the same prompt ids, greedy (argmax of the last logits), exactly `output_len` tokens, the same threads, batch 1
+(its `Llama` object decodes one sequence), llama.cpp's default KV cache (f16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llama.checkpoint import ModelSource
+from llama.errors import UserError
+from llama.runtime import log
+from project.bench.inference.config import Spec
+from project.bench.inference.measure import measure, settled_memory
+from project.bench.inference.prompt import tokens_sha
+
+INSTALL = "pip install llama-cpp-python (it compiles llama.cpp: about 12 minutes on 2 cores)"
+# Our weight format -> the llama.cpp file type that stores the same kind of weights.
+GGUF_FOR = {"none": None, "int8": "q8_0", "int4": "q4_1"}
+GGUF_FROM_DTYPE = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def check_installed():
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise UserError(f"--compare llamacpp needs llama-cpp-python: {INSTALL}")
+
+
+def gguf_files(source: ModelSource, dtype: str, quant_modes: list[str], folder: Path) -> dict[str, str]:
+    """{llama.cpp weight type: GGUF path} for the run's dtype and each of our weight formats' counterparts."""
+    import llama_cpp
+
+    from llama.export import save_gguf
+
+    base = GGUF_FROM_DTYPE[dtype]
+    log(f"writing the weights as a {base} GGUF for llama.cpp ...")
+    model, tokenizer = source.load(torch.float32, "cpu")
+    files = {base: str(save_gguf(model, tokenizer, folder / f"model-{base}.gguf", base))}
+    del model
+    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}
+    for mode in quant_modes:
+        kind = GGUF_FOR.get(mode)
+        if kind is None or kind in files:
+            continue
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftypes[kind]
+        params.nthread = torch.get_num_threads()
+        path = folder / f"model-{kind}.gguf"
+        with quiet_stdout():  # llama.cpp prints a line per tensor
+            failed = llama_cpp.llama_model_quantize(files[base].encode(), str(path).encode(), params)
+        if failed:
+            raise UserError(f"llama.cpp could not quantize {files[base]} to {kind}")
+        files[kind] = str(path)
+    return files
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Send what C code writes to standard output (file descriptor 1) to /dev/null."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def run_llamacpp(spec: Spec, device: torch.device, result: dict) -> list[dict]:
+    import llama_cpp
+
+    if device.type != "cpu":
+        raise UserError("--compare llamacpp measures llama-cpp-python's CPU build; run the benchmark with --device cpu")
+    if spec.batch_size != 1:
+        raise UserError("llama-cpp-python's Llama decodes one sequence: --compare llamacpp runs batch size 1 only")
+    if not spec.prompt:
+        raise UserError("the llama.cpp run needs the prompt ids of our run (it ran out before building them)")
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(
+        model_path=spec.gguf,
+        n_ctx=spec.input_len + spec.output_len,
+        n_batch=max(512, spec.input_len),
+        n_threads=spec.threads,
+        n_threads_batch=spec.threads,
+        use_mmap=False,  # read into memory, as our loader does, so the baseline holds the weights
+        verbose=False,
+    )
+    n_vocab = llm.n_vocab()
+    result.update(
+        load_s=time.perf_counter() - start,
+        prompt=spec.prompt,
+        weights_bytes=Path(spec.gguf).stat().st_size,
+        baseline_bytes=settled_memory(device),
+        llama_cpp_version=llama_cpp.__version__,
+    )
+
+    def next_token() -> int:
+        """Greedy: the argmax of the logits of the last position llama.cpp evaluated."""
+        return int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())
+
+    def generate_once(n: int) -> dict:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(spec.prompt)
+        tokens = [next_token()]
+        prefilled = time.perf_counter()
+        while len(tokens) < n:
+            llm.eval([tokens[-1]])
+            tokens.append(next_token())
+        end = time.perf_counter()
+        return dict(
+            prefill_s=prefilled - start,
+            decode_s=end - prefilled,
+            kv_cache_bytes=None,  # llama.cpp's own, sized by n_ctx
+            n_generated=len(tokens),
+            tokens_sha=tokens_sha([tokens]),
+        )
+
+    return measure(generate_once, device, spec.warmup, spec.repeats, spec.output_len)
