@@ -16,11 +16,11 @@ from conftest import run_script, tiny_model
 from llama.checkpoint import LLAMA3_TOKENIZER, load_checkpoint, save_hf
 from llama.errors import UserError
 from llama.tokenizer import Llama3Tokenizer
-from project.bench.inference.config import int_list
+from project.bench.inference.config import grid, int_list
 from project.bench.inference.prompt import prompt_tokens
 from project.bench.inference.quality import HELDOUT, agreement
-from project.bench.inference.report import limits_section
-from project.quant import kernel_for
+from project.bench.inference.report import limits_section, speed_table
+from project.quant import QuantConfig, kernel_for
 
 IN_LEN, OUT_LEN, REPEATS = 12, 5, 2
 COLUMNS = [
@@ -50,6 +50,9 @@ COLUMNS = [
     "torch_version",
     "commit",
 ]
+
+
+COMMON = dict(device="cpu", dtype="fp32", threads=1, repeats=1, warmup=0)
 
 
 def sha(rows) -> str:
@@ -265,3 +268,52 @@ def test_limits_section_scales_the_bound_by_bytes_per_weight():
     lines = limits_section(slow, summary, "llama3.2-1b (random weights, seed 0)")
     assert any("(15.0 GB/s)" in line for line in lines)
     assert next(line for line in lines if line.startswith("| none")).split("|")[3].strip() == "15.0"
+
+
+def test_grid_compiled_and_llamacpp_variants():
+    """--compile both: each configuration of ours eager and compiled, compiled only with the cache; llama.cpp: one
+    run per weight format, batch 1 with its cache; Hugging Face once per configuration."""
+    quants = [QuantConfig("none"), QuantConfig("int8")]
+    specs = grid([1, 4], [8], [4], "both", ["ours", "hf", "llamacpp"], quants, "both", **COMMON)
+    have = {(s.stack, s.quant.mode, s.compile, s.kv_cache, s.batch_size) for s in specs}
+    assert len(have) == len(specs)
+    want = {("ours", q, c, kv, b) for q in ("none", "int8") for c in (False, True) for kv in (True, False)
+            for b in (1, 4) if kv or not c}  # fmt: skip
+    want |= {("hf", "none", False, kv, b) for kv in (True, False) for b in (1, 4)}
+    want |= {("llamacpp", q, False, True, 1) for q in ("none", "int8")}
+    assert have == want
+    with pytest.raises(UserError, match="--compile must be off, on or both"):
+        grid([1], [8], [4], "on", ["ours"], quants, "sometimes", **COMMON)
+
+
+def test_speed_table_ratios_by_hand():
+    """Ours against HF (same batch) and against llama.cpp on the same kind of weights, numbers worked by hand."""
+    rows = [  # stack, quantize, decode, batch, prefill_s, decode tokens/s, tokens_sha
+        ("ours", "none", "eager", 1, 0.5, 20.0, "a"),
+        ("ours", "int8", "compiled", 1, 0.4, 60.0, "b"),
+        ("hf", "none", "eager", 1, 1.0, 10.0, "a"),
+        ("llamacpp", "int8", "eager", 1, 0.2, 40.0, "c"),
+    ]
+    cols = ["stack", "quantize", "decode", "batch_size", "prefill_s", "decode_tokens_per_s", "tokens_sha"]
+    summary = pd.DataFrame(rows, columns=cols).assign(kv_cache="on", status="ok", input_len=8, output_len=4)
+    table = {line.split(" | ")[2]: line.split(" | ") for line in speed_table(summary)[2:6]}
+    ours, int8, cpp = (table[k] for k in ("ours (llama/)", "ours (llama/), int8 weights, compiled decode",
+                                          "llama.cpp, Q8_0 weights"))  # fmt: skip
+    assert ours[5:9] == ["2.00×", "2.00×", "–", "yes"]  # decode 20 / 10, HF prefill 1.0 / 0.5, no llama.cpp none
+    assert int8[5:9] == ["6.00×", "2.50×", "1.50×", "no"]  # 60 / 10, 1.0 / 0.4, 60 / 40 (Q8_0 is int8's twin)
+    assert cpp[5:8] == ["4.00×", "5.00×", "–"]
+
+
+def test_compare_llamacpp_same_tokens_in_fp32(tiny_ckpt, tmp_path):
+    """llama.cpp on our weights written as an f32 GGUF (and Q8_0 by its own quantizer): batch 1, the same prompt
+    ids, the same greedy tokens as ours in fp32. Runs where llama-cpp-python is installed (CI skips it)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    out = tmp_path / "bench"
+    bench(tiny_ckpt, out, "--batch_sizes", "1,2", "--kv", "on", "--compare", "llamacpp", "--quantize", "none,int8")
+    df = pd.read_csv(out / "results.csv")
+    assert (df.status == "ok").all() and df.prompt_sha.nunique() == 1
+    cpp = df[df["stack"] == "llamacpp"]
+    assert set(cpp.batch_size) == {1} and set(cpp.quantize) == {"none", "int8"}
+    ours = df[(df["stack"] == "ours") & (df.batch_size == 1) & (df.quantize == "none")]
+    assert set(cpp[cpp.quantize == "none"].tokens_sha) == set(ours.tokens_sha)
+    assert "llama.cpp, Q8_0 weights" in (out / "report.md").read_text()

@@ -27,6 +27,11 @@ QUANT_COMMAND = (
     "python benchmark_inference.py --quantize none,int8,int4 --compare hf --batch_sizes 1,16 --kv on --limits "
     "--out reports/inference_quant"
 )
+DECODE_DIR = "inference_decode"  # fused projections, compiled decode, against transformers and llama.cpp
+DECODE_COMMAND = (
+    "python benchmark_inference.py --quantize none,int8,int4 --compile both --compare hf,llamacpp --batch_sizes 1,16 "
+    "--kv on --limits --out reports/inference_decode"
+)
 TABLE1_1B_DIR = "inference_1b_table1"  # the course's Table 1 on the Llama 3.2-1B shape, beside the Table 1 folder
 TABLE1_1B_COMMAND = (
     "python benchmark_inference.py --shape llama3.2-1b --batch_sizes 1,8,16 --input_lens 256 --output_lens 32 "
@@ -136,7 +141,7 @@ def code_section(warnings: list) -> str:
     def link(path, symbol):
         return facts.link(path, symbol, warnings=warnings)
 
-    setup, _ = quote("llama/generation.py", "model.setup_cache(B, total)")
+    setup, _ = quote("llama/generation.py", "model.setup_cache(B, cache_len)")
     update, update_code = quote("llama/model.py", "k, v = self.cache.update(start_pos, k, v)", 2)
     decode, decode_code = quote("llama/generation.py", "return model(tokens[:, cur - 1 : cur]", 3)
     parts = [
@@ -146,7 +151,9 @@ def code_section(warnings: list) -> str:
         "1. **Allocation.** With the cache on, generation first calls "
         f"{link('llama/model.py', 'Transformer.setup_cache')}{setup}, which gives every layer's attention a "
         f"{link('llama/model.py', 'KVCache')}: two buffers of shape "
-        "(B, n_kv_heads, prompt + new tokens, head_dim) in the weights' dtype, allocated once. Its size, "
+        "(B, n_kv_heads, prompt + new tokens, head_dim) in the weights' dtype, allocated once (with `--compile`, "
+        "the length rounded up to a multiple of 256, so that one compiled step serves prompts of similar length). "
+        "Its size, "
         "2 × layers × B × n_kv_heads × length × head_dim × bytes per element, is the `kv_cache_bytes` column.",
         f"2. **Attention.** In {link('llama/model.py', 'Attention.forward')} the new tokens' keys and values are "
         f"written into the buffers at their positions, and attention reads back every key so far{update}:",
@@ -394,6 +401,46 @@ def quant_section(folder: Path, reports_dir: Path, warnings: list) -> str:
     return "\n".join(out)
 
 
+def decode_section(folder: Path, reports_dir: Path) -> str:
+    """The decode path (fused projections, the compiled static-shape step) against transformers and llama.cpp, with
+    the machine's limits, from the decode benchmark's folder, rendered by the benchmark's own table."""
+    got = optional_results(folder, reports_dir, "the decode path", DECODE_COMMAND)
+    if isinstance(got, str):
+        return got
+    frame, summary, source = got
+    ok = summary[(summary.status == "ok") & (summary.kv_cache == "on") & (summary.batch_size == 1)]
+    out = [
+        f"{source} Every run of ours fuses each block's q/k/v and w1/w3 projections at load time "
+        "(`llama.model.fuse_projections`); *compiled decode* runs `Transformer.step` (a tensor position, the whole "
+        "fixed-size cache read under a mask, so every step has the same shapes) through `torch.compile`, once per "
+        "configuration.",
+        "",
+        *report.compile_note(summary),
+        "",
+        *report.speed_table(summary),
+        "",
+    ]
+    limits = folder / "machine_limits.json"
+    best = ok.loc[ok.decode_tokens_per_s.idxmax()] if len(ok) else None
+    if limits.exists() and best is not None:
+        machine = json.loads(limits.read_text())
+        rate = max(machine.get("weight_read_GB_per_s", {}).values(), default=None)
+        fp32 = ok[(ok["stack"] == "ours") & (ok.quantize == "none")]
+        if rate and len(fp32):
+            weights_gb = fp32.weights_mib.iloc[0] * 2**20 / 1e9
+            fastest = fp32.decode_tokens_per_s.max()
+            out += [
+                f"Against the hardware: the unquantized weights are {weights_gb:.2f} GB; read once per token at the "
+                f"fastest weight-read rate `../shared/tools/machine_limits.py` measured here ({rate} GB/s, "
+                f"`machine_limits.json`) that allows {rate / weights_gb:.0f} tokens/s at batch 1, and our fastest "
+                f"unquantized decode reaches {fastest:.1f} ({100 * fastest * weights_gb / rate:.0f} %). The fastest "
+                f"batch-1 decode in this run: {report.stack_name(best['stack'], best.quantize, best.decode)}, "
+                f"{best.decode_tokens_per_s:.1f} tokens/s.",
+                "",
+            ]
+    return "\n".join(out)
+
+
 def build(reports_dir: Path, inference_dir: Path, samples: str, env: dict, warnings: list) -> str:
     prov, table1 = results_section(inference_dir, reports_dir, warnings)
     return (
@@ -423,6 +470,10 @@ def build(reports_dir: Path, inference_dir: Path, samples: str, env: dict, warni
                 "## Quantized weights: int8 and int4 against the model's own dtype",
                 "",
                 quant_section(inference_dir.parent / QUANT_DIR, reports_dir, warnings),
+                "",
+                "## The decode path: fused projections and a compiled step, against transformers and llama.cpp",
+                "",
+                decode_section(inference_dir.parent / DECODE_DIR, reports_dir),
             ]
         ).rstrip()
         + "\n"

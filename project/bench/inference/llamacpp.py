@@ -58,7 +58,7 @@ def gguf_files(source: ModelSource, dtype: str, quant_modes: list[str], folder: 
         params.ftype = ftypes[kind]
         params.nthread = torch.get_num_threads()
         path = folder / f"model-{kind}.gguf"
-        with quiet_stdout():  # llama.cpp prints a line per tensor
+        with quiet_c_output():  # llama.cpp logs a line per tensor (its own error is the return code)
             failed = llama_cpp.llama_model_quantize(files[base].encode(), str(path).encode(), params)
         if failed:
             raise UserError(f"llama.cpp could not quantize {files[base]} to {kind}")
@@ -67,17 +67,20 @@ def gguf_files(source: ModelSource, dtype: str, quant_modes: list[str], folder: 
 
 
 @contextlib.contextmanager
-def quiet_stdout():
-    """Send what C code writes to standard output (file descriptor 1) to /dev/null."""
+def quiet_c_output():
+    """Send what C code writes to standard output and error (file descriptors 1 and 2) to /dev/null."""
     sys.stdout.flush()
-    saved = os.dup(1)
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
     with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 1)
+        for fd in (1, 2):
+            os.dup2(null.fileno(), fd)
         try:
             yield
         finally:
-            os.dup2(saved, 1)
-            os.close(saved)
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
 
 
 def run_llamacpp(spec: Spec, device: torch.device, result: dict) -> list[dict]:
