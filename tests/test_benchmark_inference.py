@@ -296,7 +296,7 @@ def test_speed_table_ratios_by_hand():
     ]
     cols = ["stack", "quantize", "decode", "batch_size", "prefill_s", "decode_tokens_per_s", "tokens_sha"]
     summary = pd.DataFrame(rows, columns=cols).assign(kv_cache="on", status="ok", input_len=8, output_len=4)
-    table = {line.split(" | ")[2]: line.split(" | ") for line in speed_table(summary)[2:6]}
+    table = {line.split(" | ")[2]: line.rstrip(" |").split(" | ") for line in speed_table(summary)[2:6]}
     ours, int8, cpp = (table[k] for k in ("ours (llama/)", "ours (llama/), int8 weights, compiled decode",
                                           "llama.cpp, Q8_0 weights"))  # fmt: skip
     assert ours[5:9] == ["2.00×", "2.00×", "–", "yes"]  # decode 20 / 10, HF prefill 1.0 / 0.5, no llama.cpp none
