@@ -42,6 +42,12 @@ SAMPLE_RECORDS = [
 ]
 
 
+def save_model_folder(model, tokenizer, folder: Path):
+    """Meta's layout (consolidated.00.pth, params.json) and the tokenizer's files: a folder --ckpt_dir loads."""
+    save_meta(model, folder)
+    save_tokenizer_files(tokenizer, folder)
+
+
 def finetune(
     source: ModelSource,
     lora: Optional[LoRAConfig],
@@ -136,12 +142,10 @@ def finetune(
     if save_merged:
         if lora:
             merge_lora(model)
-        save_meta(model, save_merged)
-        save_tokenizer_files(tokenizer, Path(save_merged))
+        save_model_folder(model, tokenizer, Path(save_merged))
         log(f"merged model written to {save_merged} (Meta format; --ckpt_dir {save_merged} loads it)")
     elif not lora:
-        save_meta(model, run_dir / "model")
-        save_tokenizer_files(tokenizer, run_dir / "model")
+        save_model_folder(model, tokenizer, run_dir / "model")
 
     env = environment(device)
     summary = {
