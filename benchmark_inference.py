@@ -81,7 +81,7 @@ def main(
         log(f"wrote {folder / 'report.md'}, summary.csv and the plots from {folder / 'results.csv'}")
         return
     source = ModelSource(ckpt_dir, shape, int(seed))
-    others = name_list(compare)
+    others = name_list(compare) if compare else []
     if not set(others) <= {"hf", "llamacpp"}:
         raise UserError(f"--compare takes hf and/or llamacpp (got {compare!r})")
     if timeout_s is not None and not timeout_s > 0:
