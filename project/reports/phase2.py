@@ -27,11 +27,13 @@ QUANT_COMMAND = (
     "python benchmark_inference.py --quantize none,int8,int4 --compare hf --batch_sizes 1,16 --kv on --limits "
     "--out reports/inference_quant"
 )
-DECODE_DIR = "inference_decode"  # fused projections, compiled decode, against transformers and llama.cpp
-DECODE_COMMAND = (
-    "python benchmark_inference.py --quantize none,int8,int4 --compile both --compare hf,llamacpp --batch_sizes 1,16 "
-    "--kv on --limits --out reports/inference_decode"
-)
+# The decode path (fused projections, compiled decode) against transformers and llama.cpp: folder -> command.
+DECODE_RUNS = {
+    "inference_decode": "python benchmark_inference.py --quantize none,int8,int4 --compile both --compare hf,llamacpp "
+    "--batch_sizes 1,16 --kv on --limits --out reports/inference_decode",
+    "inference_1b_decode": "python benchmark_inference.py --shape llama3.2-1b --quantize none,int8,int4 --compile both "
+    "--compare hf,llamacpp --batch_sizes 1 --kv on --repeats 2 --limits --out reports/inference_1b_decode",
+}
 TABLE1_1B_DIR = "inference_1b_table1"  # the course's Table 1 on the Llama 3.2-1B shape, beside the Table 1 folder
 TABLE1_1B_COMMAND = (
     "python benchmark_inference.py --shape llama3.2-1b --batch_sizes 1,8,16 --input_lens 256 --output_lens 32 "
@@ -401,10 +403,10 @@ def quant_section(folder: Path, reports_dir: Path, warnings: list) -> str:
     return "\n".join(out)
 
 
-def decode_section(folder: Path, reports_dir: Path) -> str:
+def decode_section(folder: Path, reports_dir: Path, command: str) -> str:
     """The decode path (fused projections, the compiled static-shape step) against transformers and llama.cpp, with
     the machine's limits, from the decode benchmark's folder, rendered by the benchmark's own table."""
-    got = optional_results(folder, reports_dir, "the decode path", DECODE_COMMAND)
+    got = optional_results(folder, reports_dir, "the decode path", command)
     if isinstance(got, str):
         return got
     frame, summary, source = got
@@ -432,7 +434,7 @@ def decode_section(folder: Path, reports_dir: Path) -> str:
             out += [
                 f"Against the hardware: the unquantized weights are {weights_gb:.2f} GB; read once per token at the "
                 f"fastest weight-read rate `../shared/tools/machine_limits.py` measured here ({rate} GB/s, "
-                f"`machine_limits.json`) that allows {rate / weights_gb:.0f} tokens/s at batch 1, and our fastest "
+                f"`machine_limits.json`) that allows {rate / weights_gb:.1f} tokens/s at batch 1, and our fastest "
                 f"unquantized decode reaches {fastest:.1f} ({100 * fastest * weights_gb / rate:.0f} %). The fastest "
                 f"batch-1 decode in this run: {report.stack_name(best['stack'], best.quantize, best.decode)}, "
                 f"{best.decode_tokens_per_s:.1f} tokens/s.",
@@ -473,7 +475,10 @@ def build(reports_dir: Path, inference_dir: Path, samples: str, env: dict, warni
                 "",
                 "## The decode path: fused projections and a compiled step, against transformers and llama.cpp",
                 "",
-                decode_section(inference_dir.parent / DECODE_DIR, reports_dir),
+                *[
+                    decode_section(inference_dir.parent / folder, reports_dir, command) + "\n"
+                    for folder, command in DECODE_RUNS.items()
+                ],
             ]
         ).rstrip()
         + "\n"
