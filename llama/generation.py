@@ -162,8 +162,8 @@ class Llama:
             cache_len = min(-(-total // CACHE_BLOCK) * CACHE_BLOCK, model.args.max_seq_len) if static else total
             model.setup_cache(B, cache_len)
             out.kv_cache_bytes = model.cache_nbytes()
-        # The compiled step's inputs, updated in place: the same tensors (shapes, strides) at every step.
-        pos, last = (torch.zeros(n, dtype=torch.long, device=self.device) for n in ((1,), (B, 1)))
+        if static:  # the compiled step's inputs, updated in place: the same tensors (shapes, strides) at every step
+            pos, last = (torch.zeros(n, dtype=torch.long, device=self.device) for n in ((1,), (B, 1)))
         try:
             start = _clock(self.device)
             finished = max_gen_len == 0 or append(prefill(model, tokens[:, :cur], pad_lens))

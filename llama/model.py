@@ -292,8 +292,7 @@ class Transformer(nn.Module):
             pos = (pos[None, :] - pad_lens[:, None]).clamp(min=0)  # (B, T)
         else:
             pos = pos[None, :].expand(B, T)
-        angles = pos[..., None].float() * self.inv_freq  # (B, T, d/2)
-        cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+        cos, sin = self.rotary(pos)
 
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
@@ -302,6 +301,11 @@ class Transformer(nn.Module):
             h = h[:, -1:, :]
         h = self.norm(h)
         return h if hidden else self.output(h)
+
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's token positions (B, T) -> cos, sin (B, T, 1, d/2) of their rotary angles."""
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, d/2)
+        return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, pad_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One decode step with static shapes, for torch.compile: tokens (B, 1) at position pos (1,) -> logits
@@ -317,8 +321,7 @@ class Transformer(nn.Module):
         if pad_lens is not None:
             mask = mask & (keys[None, :] >= pad_lens[:, None])  # (B, S)
             rows = (rows - pad_lens[:, None]).clamp(min=0)
-        angles = rows[..., None].float() * self.inv_freq  # (B, 1, d/2)
-        cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+        cos, sin = self.rotary(rows)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin, pos, mask[:, None, None, :])
