@@ -43,35 +43,22 @@ REQUIRED = [
 ]
 
 
+def run_bench(folder, *flags, timeout=600):
+    """benchmark_finetuning.py with flags on the CPU, on a tiny checkpoint and records written into folder; returns
+    its --out folder."""
+    ckpt, data, out = write_tiny_checkpoint(folder / "ckpt"), write_records(folder / "records.json"), folder / "out"
+    args = ["--ckpt_dir", ckpt, "--data", data, *flags, "--device", "cpu", "--out", out, "--run_dir", folder / "runs"]
+    proc = run_script("benchmark_finetuning.py", *args, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """vanilla, ckpt (made to run out of memory), lora, ckpt+lora and lora on an int4 base, each in its own
     process, on a tiny checkpoint."""
-    tmp = tmp_path_factory.mktemp("bench")
-    ckpt, data, out = write_tiny_checkpoint(tmp / "ckpt"), write_records(tmp / "records.json"), tmp / "out"
-    proc = run_script(
-        "benchmark_finetuning.py",
-        "--ckpt_dir",
-        ckpt,
-        "--data",
-        data,
-        "--configs",
-        "vanilla,ckpt,lora,ckpt+lora,lora+int4",
-        "--examples",
-        2,
-        "--simulate_oom",
-        "ckpt",
-        "--timelines",
-        "vanilla",
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        "--run_dir",
-        tmp / "runs",
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = ["--configs", "vanilla,ckpt,lora,ckpt+lora,lora+int4", "--examples", 2, "--simulate_oom", "ckpt"]
+    out = run_bench(tmp_path_factory.mktemp("bench"), *flags, "--timelines", "vanilla", timeout=300)
     return pd.read_csv(out / "measurements.csv"), (out / "README.md").read_text(), out
 
 
@@ -200,32 +187,9 @@ def test_configuration_names():
 
 @pytest.mark.slow
 def test_compare_hf_runs_both_stacks(tmp_path):
-    ckpt, data = write_tiny_checkpoint(tmp_path / "ckpt"), write_records(tmp_path / "records.json")
-    proc = run_script(
-        "benchmark_finetuning.py",
-        "--ckpt_dir",
-        ckpt,
-        "--data",
-        data,
-        "--configs",
-        "vanilla,ckpt+amp+lora",
-        "--examples",
-        2,
-        "--compare",
-        "hf",
-        "--timelines",
-        "",
-        "--device",
-        "cpu",
-        "--emulated_amp",
-        "--out",
-        tmp_path / "out",
-        "--run_dir",
-        tmp_path / "runs",
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    frame = pd.read_csv(tmp_path / "out" / "measurements.csv")
+    flags = ["--configs", "vanilla,ckpt+amp+lora", "--examples", 2, "--compare", "hf", "--timelines", ""]
+    out = run_bench(tmp_path, *flags, "--emulated_amp")
+    frame = pd.read_csv(out / "measurements.csv")
     assert list(zip(frame.config, frame["stack"], frame.status)) == [
         ("vanilla", "ours", "ok"),
         ("vanilla", "hf", "ok"),
@@ -239,7 +203,7 @@ def test_compare_hf_runs_both_stacks(tmp_path):
     assert hf.loc["vanilla"].grad_bytes == ours.loc["vanilla"].grad_bytes
     assert hf.loc["vanilla"].param_bytes == pytest.approx(ours.loc["vanilla"].param_bytes, abs=64)
     assert hf.loc["ckpt+amp+lora"].grad_bytes == ours.loc["ckpt+amp+lora"].grad_bytes
-    assert "Peak ours/HF" in (tmp_path / "out" / "README.md").read_text()
+    assert "Peak ours/HF" in (out / "README.md").read_text()
 
 
 def test_mixed_precision_is_skipped_where_the_cpu_only_emulates_it(tmp_path, monkeypatch):
@@ -290,42 +254,9 @@ def test_nproc_runs_fsdp_ranks(tmp_path):
     the same windows as one process with accumulation 2, so their losses (before and after an update) must agree;
     each rank holds half of the parameters and gradients that the one process holds. (DDP goes through the same
     code; tests/test_distributed.py checks both modes' training.)"""
-    ckpt, data, out = (
-        write_tiny_checkpoint(tmp_path / "ckpt"),
-        write_records(tmp_path / "records.json"),
-        tmp_path / "out",
-    )
-    proc = run_script(
-        "benchmark_finetuning.py",
-        "--ckpt_dir",
-        ckpt,
-        "--data",
-        data,
-        "--configs",
-        "vanilla,accum2",
-        "--grad_accum",
-        2,
-        "--examples",
-        2,
-        "--passes",
-        2,
-        "--warmup",
-        0,  # a warm-up step is one micro-batch per process: it would not be the same window on 1 and 2 ranks
-        "--nproc",
-        2,
-        "--distributed",
-        "fsdp",
-        "--timelines",
-        "",
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        "--run_dir",
-        tmp_path / "runs",
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = ["--configs", "vanilla,accum2", "--grad_accum", 2, "--examples", 2, "--passes", 2, "--timelines", ""]
+    # No warm-up: a warm-up step is one micro-batch per process, which would not be the same window on 1 and 2 ranks.
+    out = run_bench(tmp_path, *flags, "--warmup", 0, "--nproc", 2, "--distributed", "fsdp")
     frame = pd.read_csv(out / "measurements.csv")
     assert list(zip(frame.config, frame["stack"], frame.ranks, frame.status)) == [
         (config, stack, ranks, "ok") for config in ("vanilla", "accum2") for stack, ranks in (("ours", 1), ("fsdp", 2))
