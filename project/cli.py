@@ -8,12 +8,14 @@ the type it takes. Ranges are each entry point's own business (or its config dat
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import inspect
 import signal
 import sys
 import tempfile
+import threading
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -94,6 +96,26 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum, frame):
     raise Terminated
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them: a checkpoint save finishes first. (DCP
+    turns an exception raised inside its collective into a CheckpointException on every rank, so a kill landing
+    there would otherwise end in a traceback rather than "interrupted".) Only the main thread receives signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous = {kind: signal.signal(kind, lambda signum, frame: held.append(signum)) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+        if held:
+            signal.raise_signal(held[0])
 
 
 def run(component):

@@ -25,6 +25,7 @@ from llama.checkpoint import atomic_write, load_torch_file
 from llama.errors import UserError
 from llama.runtime import DTYPES, log
 
+from .cli import uninterrupted
 from .data import IGNORE_INDEX, Dataset, collate
 from .distributed import (
     SINGLE,
@@ -367,10 +368,11 @@ def train(
     state_dir = checkpoint_path.with_name(STATE_DIR)
 
     def save(step):
-        if ranks.on:
-            save_state(state_dir, net, optimizer, scaler, {"step": step, "config": asdict(window_cfg)}, ranks)
-        else:
-            save_training_state(checkpoint_path, unwrapped(net).model, optimizer, scaler, cfg, step)
+        with uninterrupted():  # a kill mid-save (DCP's collectives included) lands once the checkpoint is whole
+            if ranks.on:
+                save_state(state_dir, net, optimizer, scaler, {"step": step, "config": asdict(window_cfg)}, ranks)
+            else:
+                save_training_state(checkpoint_path, unwrapped(net).model, optimizer, scaler, cfg, step)
 
     step = 0
     if resume:

@@ -11,7 +11,7 @@ import torch
 
 from llama.checkpoint import REPO_ROOT
 from llama.errors import UserError
-from project.cli import checked, unknown_flag
+from project.cli import checked, uninterrupted, unknown_flag
 from project.model.lora import LoRAConfig
 from tests.conftest import run_script
 from tests.tiny_finetune import write_records, write_tiny_checkpoint
@@ -108,6 +108,18 @@ def test_sigterm_mid_training_says_interrupted_keeps_the_checkpoint_and_resume_f
                       "--precision", "fp32", "--resume", timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"resuming from {run_dir / 'training_state.pt'} after optimizer step {state['step']}" in done.stderr
+
+
+def test_a_signal_during_a_save_is_delivered_after_it():
+    """Ctrl-C inside uninterrupted() does not stop the block; it arrives once the block is over."""
+    finished = False
+    with pytest.raises(KeyboardInterrupt):
+        with uninterrupted():
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.01)  # a Python-level handler would have raised by now
+            finished = True
+    assert finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_unreadable_training_state_or_adapter_is_one_line_naming_the_file(tmp_path):
