@@ -128,7 +128,8 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     key = (torch.device(device), dtype)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < n:
-        _SCRATCH[key] = buf = torch.empty(n, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # made during generation it would be read-only to training afterwards
+            _SCRATCH[key] = buf = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 

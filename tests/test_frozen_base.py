@@ -1,6 +1,7 @@
 """LoRA on a frozen base held in 16 bits or quantized (project/frozen_base.py): what is held in which dtype, and
 that the adapters train and get the gradients an fp32 base gives them."""
 
+import math
 from typing import Optional
 
 import pytest
@@ -10,6 +11,7 @@ from tiny_finetune import RECORDS, byte_tokenizer, tiny_model
 
 from llama.errors import UserError
 from llama.runtime import DTYPES
+from project import quant
 from project.data import build_dataset, collate
 from project.frozen_base import StoredLinear, load_dtype, prepare, resolve_base
 from project.model.lora import LoRAConfig
@@ -133,6 +135,21 @@ def test_lora_on_a_low_precision_base_lowers_the_loss_on_a_repeated_batch(base):
     assert max(losses[-3:]) < 0.8 * losses[0], losses
     after = model.state_dict()
     assert all(torch.equal(after[n], t) for n, t in frozen.items())  # the base never moved
+
+
+@pytest.mark.parametrize("base", ["int8", "int4"])
+def test_a_quantized_base_trains_after_generating_under_inference_mode(base, monkeypatch):
+    """finetuning.py samples before training: the dequantization buffer made then must stay writable."""
+    monkeypatch.setattr(quant, "_SCRATCH", {})  # this test's first dequantization is the one in inference mode
+    model = model_on(base)
+    ids, labels = batch()
+    with torch.inference_mode():
+        model(ids)
+    cfg = TrainConfig(lr=0.05, optimizer="adamw")
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    scaler = make_scaler(torch.device("cpu"), "fp32")
+    result = train_step(NextTokenLoss(model), [(ids, labels)], optimizer, scaler, "fp32")
+    assert math.isfinite(result.loss)
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
