@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 # gpu-check's Python: the project's venv where there is one, else the machine's (a GPU machine's own PyTorch).
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
-.PHONY: setup setup-dev run finetune-recipe lint test test-all reports gpu-check
+.PHONY: setup setup-dev run finetune-recipe finetune-recipe-bases lint test test-all reports gpu-check
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,16 @@ run: setup
 	$(PY) inference.py
 
 # The fine-tuning recipe that visibly teaches the default model the Alpaca format (README, "A recipe that learns").
+RECIPE = --optimizer adamw --lr 3e-4 --lr_schedule cosine --warmup_steps 5 --epochs 3 --lora_targets wq,wk,wv,wo,w1,w2,w3
 finetune-recipe: setup
-	$(PY) finetuning.py --optimizer adamw --lr 3e-4 --lr_schedule cosine --warmup_steps 5 --epochs 3 \
-		--lora_targets wq,wk,wv,wo,w1,w2,w3 --out reports/finetune_recipe --run_dir runs/finetune_recipe
+	$(PY) finetuning.py $(RECIPE) --out reports/finetune_recipe --run_dir runs/finetune_recipe
+
+# The recipe again with its frozen base held in bf16, int8 and int4 (QLoRA-style); Phase 3 compares the losses.
+finetune-recipe-bases: setup
+	for base in bf16 int8 int4; do \
+		$(PY) finetuning.py $(RECIPE) --base $$base --out reports/finetune_recipe_$$base \
+			--run_dir runs/finetune_recipe_$$base || exit 1; \
+	done
 
 lint: setup-dev
 	$(VENV)/bin/ruff check .

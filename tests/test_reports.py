@@ -30,7 +30,7 @@ from project.quant import QuantConfig
 from project.reports import phase1, phase2, phase3
 from project.reports.build import build_all
 from project.reports.finetune_run import write_run_report
-from project.train import TrainConfig
+from project.train import TrainConfig, read_log
 
 ENV = {"commit": "abc1234", "torch": "2.x", "python": "3.x", "fpdf2": "2.x", "machine": "test"}
 MiB = 2**20
@@ -684,3 +684,34 @@ def test_phase3_sets_the_course_run_beside_the_recipe(results):
     (recipe / "summary.json").unlink()
     text = phase3.build(results["reports"], results["finetune"], results["bench"], ENV, [], recipe)
     assert "**No results yet** for the recipe run" in text and "make finetune-recipe" in text
+
+
+def test_phase3_compares_the_recipe_on_each_frozen_base(results):
+    """The int8 base's row: its held-out losses against the fp32 base's, the largest per-step training-loss gap
+    and its step, from the two runs' logs; a run of another length is said to be not comparable step by step."""
+    recipe = results["finetune"].parent / "finetune_recipe"
+    evals = [{"step": 0, "loss": 2.0, "perplexity": 7.389, "label_tokens": 50}]
+    evals += [{"step": 8, "loss": 1.5, "perplexity": 4.482, "label_tokens": 50}]
+    text = phase3.build(results["reports"], results["finetune"], results["bench"], ENV, [], recipe)
+    assert "**No results yet** for the recipe on a low-precision frozen base" in text
+    assert "make finetune-recipe-bases" in text
+    steps = read_log(results["finetune"] / "train_log.jsonl")
+    for base, shift in (("", 0.0), ("_int8", 0.01)):
+        folder = recipe.with_name(recipe.name + base)
+        folder.mkdir()
+        for name in ("summary.json", "samples.json"):
+            (folder / name).write_bytes((results["finetune"] / name).read_bytes())
+        shifted = [{**s, "loss": s["loss"] + shift * (1 + (s["step"] == 3))} for s in steps]  # step 3: twice
+        (folder / "train_log.jsonl").write_text("".join(json.dumps(s) + "\n" for s in shifted))
+        held = [{**e, "loss": e["loss"] + shift * 2} for e in evals]
+        (folder / "eval_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in held))
+    text = phase3.build(results["reports"], results["finetune"], results["bench"], ENV, [], recipe)
+    rows = table_after(text, "## The recipe on a frozen base in fewer bits", key=lambda cells: cells[0].split()[0])
+    assert rows["int8"][2] == "2.0200 (+0.0200, +1.00 %)" and rows["int8"][3] == "1.5200 (+0.0200, +1.33 %)"
+    assert rows["int8"][5] == "0.0200 (step 3)" and rows["fp32"][5] == "—"
+    assert (results["reports"] / "figures" / "phase_3_bases.png").stat().st_size > 0
+    (recipe.with_name(recipe.name + "_int8") / "train_log.jsonl").write_text(
+        "".join(json.dumps(s) + "\n" for s in steps[:-1])
+    )
+    text = phase3.build(results["reports"], results["finetune"], results["bench"], ENV, [], recipe)
+    assert f"int8: {len(steps) - 1} steps against the fp32 base's {len(steps)}" in text

@@ -267,6 +267,110 @@ def runs_section(course_dir: Path, recipe_dir: Path, reports_dir: Path) -> str:
     return "\n".join(out)
 
 
+# ---- the recipe on a frozen base in fewer bits ----------------------------------------------------------------
+LOW_BASES = ("bf16", "int8", "int4")  # make finetune-recipe-bases: the recipe with --base B, into <recipe>_B
+BASES_COMMAND = "make finetune-recipe-bases"
+
+
+def plot_bases(runs: dict[str, tuple[list[dict], list[dict]]], path: Path):
+    """Training loss per optimizer step, its gap to the fp32 base's at each step, and the held-out loss, of the
+    recipe on each frozen base (runs: {base: (step log, eval log)}, "fp32" among them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (train_ax, gap_ax, held_ax) = plt.subplots(1, 3, figsize=(14, 4))
+    ref = {s["step"]: s["loss"] for s in runs["fp32"][0]}
+    for base, (steps, evals) in runs.items():
+        train_ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=base, lw=1)
+        same = [s for s in steps if s["step"] in ref]
+        gap_ax.plot([s["step"] for s in same], [s["loss"] - ref[s["step"]] for s in same], label=base, lw=1)
+        if evals:
+            held_ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], marker="o", label=base)
+    labels = ("training loss (window mean)", "training loss − the fp32 base's", "held-out loss")
+    for ax, what in zip((train_ax, gap_ax, held_ax), labels):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        ax.legend(title="frozen base")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+
+
+def against(x: float, ref: float) -> str:
+    return f"{md.num(x, 4)} ({signed(x - ref)}, {100 * (x - ref) / ref:+.2f} %)"
+
+
+def bases_section(recipe_dir: Path, reports_dir: Path) -> str:
+    """The recipe on an fp32 frozen base beside the same run on a bf16-stored, int8 and int4 base (QLoRA-style):
+    what holding the base in fewer bits costs in loss, step by step, and what it saves in memory."""
+    runs = {}
+    for base in ("fp32", *LOW_BASES):
+        folder = recipe_dir if base == "fp32" else recipe_dir.with_name(f"{recipe_dir.name}_{base}")
+        summary, steps, _ = read_run(folder, [])
+        if summary is not None and steps:
+            runs[base] = (folder, summary, steps, read_log(folder / "eval_log.jsonl"))
+    if "fp32" not in runs or len(runs) == 1:
+        return md.missing(
+            "the recipe on a low-precision frozen base",
+            f"`{md.shown_path(recipe_dir)}` and at least one of its `_bf16` / `_int8` / `_int4` runs are needed",
+            f"{RECIPE_COMMAND} && {BASES_COMMAND}",
+        )
+    _, _, ref_steps, ref_evals = runs["fp32"]
+    ref_loss = {s["step"]: s["loss"] for s in ref_steps}
+    rows, notes = [], []
+    for base, (folder, summary, steps, evals) in runs.items():
+        stats = finetune_run.loss_stats(steps, evals)
+        same = [s for s in steps if s["step"] in ref_loss]
+        gaps = [abs(s["loss"] - ref_loss[s["step"]]) for s in same]
+        if len(same) != len(ref_steps) or len(steps) != len(ref_steps):
+            notes.append(f"{base}: {len(steps)} steps against the fp32 base's {len(ref_steps)}")
+        held = (
+            (against(evals[0]["loss"], ref_evals[0]["loss"]), against(evals[-1]["loss"], ref_evals[-1]["loss"]))
+            if evals and ref_evals
+            else ("not measured", "not measured")
+        )
+        rows.append(
+            [
+                f"{base} (`{md.shown_path(folder)}`)",
+                summary.get("weights", "not recorded"),
+                *held,
+                md.num(sum(s["loss"] for s in steps) / len(steps), 4),
+                "—" if base == "fp32" else f"{max(gaps):.4f} (step {same[gaps.index(max(gaps))]['step']})",
+                report.fmt_bytes(stats["max_memory_bytes"]),
+                md.num(stats["step_s"]),
+            ]
+        )
+    plot = reports_dir / "figures" / "phase_3_bases.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    plot_bases({base: (run[2], run[3]) for base, run in runs.items()}, plot)
+    ref = runs["fp32"][1]
+    headers = ["Frozen base", "Held in", "Held-out loss before training (vs fp32 base)", "Held-out loss after"]
+    headers += ["Mean training loss", "Largest gap to the fp32 base at one step", "Memory in use (max)", "s / step"]
+    out = [
+        f"The recipe above, run again with only `--base` changed: the same {ref['data']['examples']} examples in the "
+        f"same order, the same seed, {len(ref_steps)} optimizer steps ({ref['model']}; "
+        f"{ref['device_name']}). The held-out loss *before training* is the base's quantization error alone; "
+        "*after*, what the adapters trained on that base reach. Commands: each folder's `summary.md`.",
+        "",
+        md.table(headers, rows),
+        "",
+        f"![Training and held-out loss on each frozen base]({md.relative(plot, reports_dir)})",
+    ]
+    if notes:
+        out += ["", "Not the same number of steps, so not comparable step by step: " + "; ".join(notes) + "."]
+    if "Q4_1" in ref["model"]:
+        out += [
+            "",
+            "This model's weights were themselves stored as Q4_1 (4 bits, one scale and minimum per 32 weights) "
+            "and dequantised on load, so int4 with groups of 32 re-quantizes weights that already sit on such a grid "
+            "and loses little: on a checkpoint kept in full precision, int4 costs more than this table shows.",
+        ]
+    return "\n".join(out)
+
+
 # ---- reading the benchmark --------------------------------------------------------------------------
 def _span(xs: list[float]) -> str:
     return f"{min(xs):.2f}" if len(xs) == 1 else f"{min(xs):.2f}–{max(xs):.2f}"
@@ -475,6 +579,10 @@ def build(
                 "## The course's setting beside a recipe that learns",
                 "",
                 runs_section(finetune_dir, recipe_dir, reports_dir),
+                "",
+                "## The recipe on a frozen base in fewer bits (QLoRA-style): what it costs in loss",
+                "",
+                bases_section(recipe_dir, reports_dir),
                 "",
                 "## Fine-tuning benchmark",
                 "",
