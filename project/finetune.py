@@ -27,7 +27,7 @@ from project.data import build_dataset, find_dataset, format_prompt, load_record
 from project.distributed import SINGLE, Ranks, full_state_dict, wrap
 from project.export import export_run
 from project.frozen_base import load_dtype, prepare
-from project.model.lora import LoRAConfig, count_parameters, describe_trainable, merge_lora, save_adapter
+from project.model.lora import LoRAConfig, count_parameters, merge_lora, save_adapter
 from project.reports.finetune_run import write_run_report
 from project.train import NextTokenLoss, TrainConfig, eval_log_path, read_log, train
 
@@ -98,10 +98,12 @@ def finetune(
     )
 
     torch.manual_seed(cfg.seed)
+    weights = count_parameters(model)[1]  # counted now: a quantized or 16-bit-stored base holds them as buffers
     held = prepare(model, lora, base, cfg.precision)
     log(held)
-    log(describe_trainable(model))
-    trainable, total = count_parameters(model)
+    trainable = count_parameters(model)[0]
+    total = weights + (trainable if lora else 0)  # the base's weights and the adapters
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     blocks = apply_checkpointing(model, grad_ckpt)
 
     # "Before" comes from the base model (a fresh adapter is the identity), also when resuming.

@@ -11,7 +11,7 @@ import torch
 from tiny_finetune import PAD, RECORDS, byte_tokenizer, grads, tiny_model, write_records, write_tiny_checkpoint
 
 import finetuning
-from llama.checkpoint import REPO_ROOT
+from llama.checkpoint import REPO_ROOT, load_checkpoint
 from llama.errors import UserError
 from llama.runtime import has_native_matmul
 from project import finetune
@@ -280,6 +280,18 @@ def test_finetuning_end_to_end_lowers_the_loss(tiny_run):
     samples = json.loads((out / "reports" / "samples.json").read_text())
     assert len(samples) == len(finetune.SAMPLE_RECORDS) and all({"before", "after"} <= set(s) for s in samples)
     assert (out / "run" / "adapter.pt").exists() and (out / "run" / "training_state.pt").exists()
+
+
+def test_the_parameter_count_includes_a_quantized_or_stored_base(tiny_run):
+    """summary.json's total is the checkpoint's weights plus the adapters however the frozen base is held (an
+    int8 or bf16-stored base keeps its weights as buffers, which a count of parameters alone would miss)."""
+    weights = sum(p.numel() for p in load_checkpoint(tiny_run[0], torch.float32, "cpu")[0].parameters())
+    for base in ("fp32", "int8", "bf16"):
+        out, _ = run_finetuning(tiny_run, f"count-{base}", base=base, precision="fp32", max_steps=1, heldout=0)
+        data = json.loads((out / "reports" / "summary.json").read_text())
+        adapters = 4 * (LoRAConfig.r * (32 + 32) + LoRAConfig.r * (32 + 16))  # 4 layers; wq 32->32, wv 32->16
+        assert data["trainable_params"] == adapters, base
+        assert data["total_params"] == weights + adapters, base
 
 
 def test_resume_after_interruption_reaches_the_same_weights(tiny_run, monkeypatch):

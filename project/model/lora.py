@@ -120,11 +120,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def describe_trainable(model: nn.Module) -> str:
-    trainable, total = count_parameters(model)
-    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA A and B matrices (what an adapter file holds)."""
     return {k: v for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
