@@ -98,6 +98,15 @@ def read_run(folder: Path, warnings: list) -> tuple[dict | None, list[dict], lis
     )
 
 
+def finished_run(folder: Path) -> tuple[dict, list[dict], list[dict], list[dict] | None] | None:
+    """(summary, step log, eval log, samples) of a run that finished in folder, else None (the caller's section
+    says what is missing, so no warning here)."""
+    summary, steps, samples = read_run(folder, [])
+    if summary is None or not steps:
+        return None
+    return summary, steps, read_log(folder / "eval_log.jsonl"), samples
+
+
 def absent(folder: Path, name: str, what: str) -> str:
     return md.missing(what, f"`{md.shown_path(folder / name)}` does not exist", RUN_COMMAND)
 
@@ -235,10 +244,10 @@ def runs_section(course_dir: Path, recipe_dir: Path, reports_dir: Path) -> str:
     """The course's setting and the recipe that learns, side by side, with both held-out curves."""
     runs = {}
     for name, folder, command in (("course setting", course_dir, RUN_COMMAND), ("recipe", recipe_dir, RECIPE_COMMAND)):
-        summary, steps, samples = read_run(folder, [])  # the section says what is missing; no second warning
-        if summary is None or not steps:
+        run = finished_run(folder)
+        if run is None:
             return md.missing(f"the {name} run", f"`{md.shown_path(folder)}` has no finished run", command)
-        runs[name] = (folder, summary, steps, read_log(folder / "eval_log.jsonl"), samples)
+        runs[name] = (folder, *run)
     columns = {name: run_row(*run[1:]) for name, run in runs.items()}
     rows = [[key, *(col[key] for col in columns.values())] for key in next(iter(columns.values()))]
     headers = ["", *(f"{name} (`{md.shown_path(run[0])}`)" for name, run in runs.items())]
@@ -272,16 +281,15 @@ LOW_BASES = ("bf16", "int8", "int4")  # make finetune-recipe-bases: the recipe w
 BASES_COMMAND = "make finetune-recipe-bases"
 
 
-def plot_bases(runs: dict[str, tuple[list[dict], list[dict]]], path: Path):
-    """Training loss per optimizer step, its gap to the fp32 base's at each step, and the held-out loss, of the
-    recipe on each frozen base (runs: {base: (step log, eval log)}, "fp32" among them)."""
+def plot_bases(runs: dict[str, tuple[list[dict], list[dict]]], ref: dict[int, float], path: Path):
+    """Training loss per optimizer step, its gap to the fp32 base's (ref: {step: loss}) at each step, and the
+    held-out loss, of the recipe on each frozen base (runs: {base: (step log, eval log)})."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (train_ax, gap_ax, held_ax) = plt.subplots(1, 3, figsize=(14, 4))
-    ref = {s["step"]: s["loss"] for s in runs["fp32"][0]}
     for base, (steps, evals) in runs.items():
         train_ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label=base, lw=1)
         same = [s for s in steps if s["step"] in ref]
@@ -309,9 +317,9 @@ def bases_section(recipe_dir: Path, reports_dir: Path) -> str:
     runs = {}
     for base in ("fp32", *LOW_BASES):
         folder = recipe_dir if base == "fp32" else recipe_dir.with_name(f"{recipe_dir.name}_{base}")
-        summary, steps, _ = read_run(folder, [])
-        if summary is not None and steps:
-            runs[base] = (folder, summary, steps, read_log(folder / "eval_log.jsonl"))
+        run = finished_run(folder)
+        if run is not None:
+            runs[base] = (folder, *run[:3])
     if "fp32" not in runs or len(runs) == 1:
         return md.missing(
             "the recipe on a low-precision frozen base",
@@ -323,10 +331,9 @@ def bases_section(recipe_dir: Path, reports_dir: Path) -> str:
     rows, notes = [], []
     for base, (folder, summary, steps, evals) in runs.items():
         stats = finetune_run.loss_stats(steps, evals)
-        same = [s for s in steps if s["step"] in ref_loss]
-        gaps = [abs(s["loss"] - ref_loss[s["step"]]) for s in same]
-        if len(same) != len(ref_steps) or len(steps) != len(ref_steps):
+        if [s["step"] for s in steps] != list(ref_loss):
             notes.append(f"{base}: {len(steps)} steps against the fp32 base's {len(ref_steps)}")
+        worst = max((s for s in steps if s["step"] in ref_loss), key=lambda s: abs(s["loss"] - ref_loss[s["step"]]))
         held = (
             (against(evals[0]["loss"], ref_evals[0]["loss"]), against(evals[-1]["loss"], ref_evals[-1]["loss"]))
             if evals and ref_evals
@@ -338,14 +345,14 @@ def bases_section(recipe_dir: Path, reports_dir: Path) -> str:
                 summary.get("weights", "not recorded"),
                 *held,
                 md.num(sum(s["loss"] for s in steps) / len(steps), 4),
-                "—" if base == "fp32" else f"{max(gaps):.4f} (step {same[gaps.index(max(gaps))]['step']})",
+                "—" if base == "fp32" else f"{abs(worst['loss'] - ref_loss[worst['step']]):.4f} (step {worst['step']})",
                 report.fmt_bytes(stats["max_memory_bytes"]),
                 md.num(stats["step_s"]),
             ]
         )
     plot = reports_dir / "figures" / "phase_3_bases.png"
     plot.parent.mkdir(parents=True, exist_ok=True)
-    plot_bases({base: (run[2], run[3]) for base, run in runs.items()}, plot)
+    plot_bases({base: (run[2], run[3]) for base, run in runs.items()}, ref_loss, plot)
     ref = runs["fp32"][1]
     headers = ["Frozen base", "Held in", "Held-out loss before training (vs fp32 base)", "Held-out loss after"]
     headers += ["Mean training loss", "Largest gap to the fp32 base at one step", "Memory in use (max)", "s / step"]
