@@ -8,16 +8,22 @@ Both round to the nearest level, so every weight is off by at most half a step: 
 check exactly this bound). Activations stay in the model's dtype; only the weights shrink (int8: 1 byte, int4:
 half a byte per weight, plus the scales), which is what batch-1 decode is bound by: reading the weights.
 
-Kernels: on CPU, PyTorch's packed weight-only kernels (`torch._weight_int8pack_mm`, and
-`aten._weight_int4pack_mm_for_cpu` on weights packed once at load time by `_convert_weight_to_int4pack_for_cpu`,
-which stores the zero point as m + 8 s, i.e. w ~ s (q - 8) + z). Their fp32 paths are reference loops (over 10x
-slower than the fp32 model itself on an AVX-512 CPU, measured), so an fp32 model's activations enter them in bf16
-and leave in fp32 again ("bf16 activations" in the description). That suits decoding (a few rows: reading the
-weights is the cost); for a layer fed more than PACKED_MAX_ROWS rows of fp32 activations (a prefill) the weight
-is dequantized and the fp32 matmul runs instead, because there the cost is arithmetic, and on CPUs without
-bf16 instructions bf16 arithmetic is emulated and slower than fp32. Elsewhere (CUDA, MPS) a plain fallback
-dequantizes the weight and calls F.linear: correct everywhere, but without the speed. `kernel_for` says which.
-
+Kernels (`kernel_for` chooses; `quantize` says which in its description):
+- "packed", on CPU: PyTorch's packed weight-only kernels (`torch._weight_int8pack_mm`, and
+  `aten._weight_int4pack_mm_for_cpu` on weights packed once at load time by `_convert_weight_to_int4pack_for_cpu`,
+  which stores the zero point as m + 8 s, i.e. w ~ s (q - 8) + z). Their fp32 paths are reference loops (over 10x
+  slower than the fp32 model itself on an AVX-512 CPU, measured), so an fp32 model's activations enter them in bf16
+  and leave in fp32 again ("bf16 activations" in the description). That suits decoding (a few rows: reading the
+  weights is the cost); for a layer fed more than PACKED_MAX_ROWS rows of fp32 activations (a prefill) the weight
+  is dequantized and the fp32 matmul runs instead, because there the cost is arithmetic, and on CPUs without
+  bf16 instructions bf16 arithmetic is emulated and slower than fp32.
+- "tinygemm", int4 on CUDA GPUs of compute capability 8.0 or later: `aten._weight_int4pack_mm`, the tensor-core
+  kernel gpt-fast uses (bf16 activations, the same [scale, zero] pairs), on weights packed once by
+  `_convert_weight_to_int4pack`. Its tiled layout is opaque, so training (backward needs the dequantized weight
+  every step) keeps the plain layout below instead.
+- "dequantize" everywhere else (int8 on CUDA, int4 before sm80, MPS, training on CUDA): the weight is dequantized
+  into a reused buffer and F.linear runs: correct everywhere, with the memory saving, without the speed. int4
+  levels are stored two to a byte here too.
 Why here (project/) and not in llama/: quantization is an efficiency technique applied to a loaded model, like
 LoRA; the model code is unchanged and any checkpoint format can be quantized at load time.
 """
@@ -57,8 +63,9 @@ class QuantConfig:
         return f"int4-g{self.group_size}" if self.mode == "int4" else self.mode
 
 
-def kernel_for(device: torch.device, mode: str) -> str:
-    """'packed' where PyTorch has a weight-only kernel for mode on this device, else 'dequantize'."""
+def kernel_for(device: torch.device, mode: str, training: bool = False) -> str:
+    """'packed' (CPU) or 'tinygemm' (int4, CUDA sm80+) where PyTorch has a weight-only kernel for mode on this
+    device, else 'dequantize'. training: the layers will be trained through (LoRA on a quantized base)."""
     if device.type == "cpu":
         has = {
             "int8": hasattr(torch, "_weight_int8pack_mm"),
@@ -66,6 +73,9 @@ def kernel_for(device: torch.device, mode: str) -> str:
         }
         if has[mode]:
             return "packed"
+    if device.type == "cuda" and mode == "int4" and not training and hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        if torch.cuda.get_device_capability(device) >= (8, 0):
+            return "tinygemm"
     return "dequantize"
 
 
@@ -89,8 +99,11 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.reshape(N, K), s, lo
 
 
-def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The activations' dtype inside the packed kernels: bf16 for an fp32 model (see the module docstring)."""
+def kernel_dtype(dtype: torch.dtype, kernel: str = "packed") -> torch.dtype:
+    """The activations' dtype inside a kernel: tinygemm takes only bf16; the CPU kernels bf16 for an fp32 model
+    (see the module docstring), else the model's own."""
+    if kernel == "tinygemm":
+        return torch.bfloat16
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
@@ -181,6 +194,17 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
 
 
+def pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """Levels (N, K) in [0, 15] -> (N, K/2) uint8, two to a byte: column 2j in the high nibble, 2j + 1 in the low
+    one. The plain layout, and the one `_convert_weight_to_int4pack` (CUDA) takes."""
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+
+
+def tinygemm_tiles(k: int) -> Optional[int]:
+    """The widest inner k-tiling (8, 4 or 2 tiles of 16 columns) that divides the input width k, or None."""
+    return next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+
+
 class Int4Linear(nn.Module):
     """y = x W^T with W stored as 4-bit levels and a scale and minimum per group of input columns."""
 
@@ -190,32 +214,40 @@ class Int4Linear(nn.Module):
         N, K = w.shape
         self.in_features, self.out_features, self.group_size = K, N, group_size
         q, s, m = quantize_int4(w, group_size)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1) if kernel == "packed" else None
-        # The packed bytes must also serve prefill's dequantized path: keep them only where the layout is known.
-        if packed is not None and N % 64 == 0 and torch.equal(unpack_int4(packed, N, K), q):
-            self.kernel = "packed"
-            self.register_buffer("q", packed)
-            # The kernel's (K/G, N, 2) [scale, zero] with w ~ scale * (q - 8) + zero.
-            scales_zeros = torch.stack([s.T, (m + 8 * s).T], dim=-1).to(kernel_dtype(w.dtype)).contiguous()
-            self.register_buffer("scales_zeros", scales_zeros)
-        else:
-            self.kernel = "dequantize"
-            self.register_buffer("q", q.to(w.device))
-            scales_zeros = torch.stack([s.T, (m + 8 * s).T], dim=-1).to(device=w.device, dtype=w.dtype)
-            self.register_buffer("scales_zeros", scales_zeros)
+        # One [scale, zero] pair per group and output, (K/G, N, 2), with w ~ scale * (q - 8) + zero: the kernels' form.
+        scales_zeros = torch.stack([s.T, (m + 8 * s).T], dim=-1)
+        self.kernel = "dequantize"
+        if kernel == "packed" and N % 64 == 0:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+            # The packed bytes also serve prefill's dequantized path: keep them only where the layout is known.
+            if torch.equal(unpack_int4(packed, N, K), q):
+                self.kernel, q = "packed", packed
+        elif kernel == "tinygemm" and N % 8 == 0 and tinygemm_tiles(K):
+            self.kernel = "tinygemm"
+            q = torch.ops.aten._convert_weight_to_int4pack(pack_pairs(q.to(w.device)), tinygemm_tiles(K))
+        if self.kernel == "dequantize":
+            q = pack_pairs(q)
+        self.register_buffer("q", q.to(w.device))
+        dtype = kernel_dtype(w.dtype, self.kernel) if self.kernel != "dequantize" else w.dtype
+        self.register_buffer("scales_zeros", scales_zeros.to(device=w.device, dtype=dtype).contiguous())
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(N, K) in dtype: scale * (q - 8) + zero = q * scale + (zero - 8 scale) group by group, in place on the
-        one full-size result (the per-group terms are small), from either layout; into `out` (N, K) if given."""
+        one full-size result (the per-group terms are small); into `out` (N, K) if given."""
         N, K, G = self.out_features, self.in_features, self.group_size
         w = torch.empty(N, K, dtype=dtype, device=self.q.device) if out is None else out
+        if self.kernel == "tinygemm":  # no unpacking of the tiled layout: the kernel itself, on the identity
+            eye = torch.eye(K, dtype=torch.bfloat16, device=self.q.device)
+            return w.copy_(torch.ops.aten._weight_int4pack_mm(eye, self.q, G, self.scales_zeros).T)
         if self.kernel == "packed":  # unpack_int4's layout, each nibble converted straight into its place in w
             b = self.q.reshape(N // 64, K, 32).transpose(1, 2)  # (blocks, byte j, column)
             halves = w.view(N // 64, 2, 32, K)  # (blocks, low / high nibble, row j within the half, column)
             halves[:, 0].copy_(b & 15)
             halves[:, 1].copy_(b >> 4)
-        else:
-            w.copy_(self.q)
+        else:  # pack_pairs' layout
+            pairs = w.view(N, K // 2, 2)
+            pairs[..., 0].copy_(self.q >> 4)
+            pairs[..., 1].copy_(self.q & 15)
         sz = self.scales_zeros.to(dtype).transpose(0, 1)  # (N, K/G, 2)
         scale, offset = sz[..., :1], sz[..., 1:] - 8 * sz[..., :1]
         return w.view(N, K // G, G).mul_(scale).add_(offset).view(N, K)
@@ -225,23 +257,29 @@ class Int4Linear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             return QuantizedMatmul.apply(x, self)
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "dequantize" or (x.dtype == torch.float32 and x2.shape[0] > PACKED_MAX_ROWS):
+        if self.kernel == "tinygemm":
+            y = torch.ops.aten._weight_int4pack_mm(
+                x2.to(torch.bfloat16).contiguous(), self.q, self.group_size, self.scales_zeros
+            )
+        elif self.kernel == "dequantize" or (x.dtype == torch.float32 and x2.shape[0] > PACKED_MAX_ROWS):
             return F.linear(x, dequantized(self, x.dtype, x.device))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2.to(self.scales_zeros.dtype), self.q, self.group_size, self.scales_zeros
-        )
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(self.scales_zeros.dtype), self.q, self.group_size, self.scales_zeros
+            )
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def quantize(model: nn.Module, cfg: QuantConfig) -> str:
+def quantize(model: nn.Module, cfg: QuantConfig, training: bool = False) -> str:
     """Replace every nn.Linear of the transformer blocks (and the output projection if cfg.output) in place.
+    training: the quantized layers will be trained through (kernel_for).
 
     Tied embeddings keep their full-precision table for the lookup; the output projection gets its own
     quantized copy. Returns a one-line description (what, which kernel) for the log and the reports."""
     if cfg.mode == "none":
         return "weights not quantized"
     weight = next(model.parameters())
-    kernel = kernel_for(weight.device, cfg.mode)
+    kernel = kernel_for(weight.device, cfg.mode, training)
     targets = block_linears(model)
     if cfg.output and isinstance(model.output, nn.Linear):
         targets.append((model, "output"))
@@ -250,5 +288,9 @@ def quantize(model: nn.Module, cfg: QuantConfig) -> str:
         new = Int8Linear(linear, kernel) if cfg.mode == "int8" else Int4Linear(linear, cfg.group_size, kernel)
         setattr(parent, name, new)
     where = "block linears" + (" and output" if cfg.output else "")
-    acts = f", {DTYPE_NAMES[kernel_dtype(weight.dtype)]} activations" if kernel == "packed" else ""
-    return f"{cfg.name} weights ({len(targets)} {where}), {kernel} kernel on {weight.device.type}{acts}"
+    acts = f", {DTYPE_NAMES[kernel_dtype(weight.dtype, kernel)]} activations" if kernel != "dequantize" else ""
+    text = f"{cfg.name} weights ({len(targets)} {where}), {kernel} kernel on {weight.device.type}{acts}"
+    fallback = sum(getattr(parent, name).kernel != kernel for parent, name in targets)
+    if fallback:  # a shape the kernel does not take (int4: rows not a multiple of 64 on CPU, of 8 on CUDA)
+        text += f"; {fallback} of them dequantized instead (a shape the {kernel} kernel does not take)"
+    return text

@@ -30,6 +30,7 @@ from project.bench.inference.measure import measure
 from project.data import IGNORE_INDEX, build_dataset, collate
 from project.memory import MiB, PeakMemory, memory_in_use, memory_timeline, parameter_bytes
 from project.model.lora import LoRAConfig, apply_lora
+from project.quant import Int4Linear, QuantConfig, kernel_for, quantize
 from project.train import NextTokenLoss, make_scaler, train_step
 
 CUDA = torch.device("cuda")
@@ -175,6 +176,42 @@ def test_cuda_memory_timeline_sees_parameters_and_gradients():
     assert peak["gradient"] >= parameter_bytes(model) * 0.9
 
 
+# ---- quantized inference ----------------------------------------------------------------------------------------
+@gpu
+@pytest.mark.parametrize(("n_out", "n_in", "group_size"), [(64, 128, 32), (960, 576, 32), (256, 512, 128)])
+def test_cuda_int4_tinygemm_matches_the_dequantized_fallback(n_out, n_in, group_size):
+    """CUDA, bf16: on sm80+ the int4 layer runs the tinygemm kernel (576 input columns: 4 inner k-tiles), and its
+    outputs agree with the plain layout's dequantize-then-matmul; the weights the kernel multiplies by (read back
+    through the identity) are the fallback's, level for level, which a wrong nibble order would break."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tinygemm needs compute capability 8.0 or later")
+    torch.manual_seed(0)
+    base = torch.nn.Linear(n_in, n_out, bias=False).to(CUDA, torch.bfloat16)
+    fast, plain = Int4Linear(base, group_size, "tinygemm"), Int4Linear(base, group_size, "dequantize")
+    assert fast.kernel == "tinygemm" and fast.q.numel() * fast.q.element_size() == n_out * n_in // 2
+    # In fp32 the two differ only by the kernel's bf16 rounding; a misplaced level is off by a step (~range / 15).
+    torch.testing.assert_close(fast.dequantize(), plain.dequantize(), rtol=1e-2, atol=1e-3)
+    x = torch.randn(3, 5, n_in, device=CUDA, dtype=torch.bfloat16)
+    y, ref = fast(x).float(), plain(x).float()
+    assert y.shape == (3, 5, n_out)
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cuda_quantized_model_generates_the_same_with_and_without_cache(mode):
+    """CUDA, fp32 model: a quantized tiny model (int4 through tinygemm on sm80+, its activations in bf16) says which
+    kernel it uses, and its greedy tokens are the same with the KV cache on and off, one prompt at a time and
+    batched."""
+    model = tiny_model(seed=5).to(CUDA)
+    text = quantize(model, QuantConfig(mode))
+    assert kernel_for(CUDA, mode) in text
+    llama = Llama(model, ToyTokenizer(), CUDA)
+    on = [llama.generate([p], GEN, use_kv_cache=True).tokens[0] for p in PROMPTS]
+    assert [llama.generate([p], GEN, use_kv_cache=False).tokens[0] for p in PROMPTS] == on
+    assert llama.generate(PROMPTS, GEN).tokens == on
+
+
 # ---- on CPU: what a GPU would choose, and how its figures are shown -------------------------------------------
 @pytest.mark.parametrize(
     ("gpu_name", "capability", "expected"),
@@ -196,6 +233,17 @@ def test_simulated_cuda_auto_dtype_is_bf16_only_with_bf16_arithmetic(monkeypatch
     assert runtime.resolve_dtype("auto", CUDA) == expected
     assert runtime.has_native_matmul(CUDA, torch.bfloat16) == (expected == torch.bfloat16)
     assert runtime.has_native_matmul(CUDA, torch.float16)
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"), [((6, 0), "dequantize"), ((8, 0), "tinygemm"), ((9, 0), "tinygemm")]
+)
+def test_simulated_cuda_int4_kernel_is_tinygemm_from_sm80_for_inference_only(monkeypatch, capability, expected):
+    """CPU, simulated CUDA device: int4 inference takes the tinygemm kernel from compute capability 8.0 on (it
+    exists in every PyTorch build: the op, not the GPU, is what hasattr sees); training and int8 never do."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert kernel_for(CUDA, "int4") == expected
+    assert kernel_for(CUDA, "int4", training=True) == "dequantize" and kernel_for(CUDA, "int8") == "dequantize"
 
 
 def test_table3_on_cuda_shows_allocated_and_reserved_peaks():
@@ -232,7 +280,7 @@ def test_gpu_check_plan_leaves_out_what_is_missing_and_says_why():
     Table 1 in fp16 without --compare hf, and lists bf16, --compare hf and Table 3 as skipped, with why."""
     missing = {"transformers": "transformers is not installed", "data": "no records"}
     steps, skipped = gpu_check.plan(bf16=False, missing=missing)
-    assert [s.name for s in steps] == ["cuda_tests", "table1_fp16"]
+    assert [s.name for s in steps] == ["cuda_tests", "table1_fp16", "quant_decode"]
     assert "--compare" not in steps[1].cmd and steps[1].cmd[steps[1].cmd.index("--dtype") + 1] == "fp16"
     assert skipped == [
         "--compare hf: transformers is not installed",
@@ -249,6 +297,7 @@ def test_gpu_check_dry_run_flags_exist_in_the_benchmark_scripts():
         "cuda_tests",
         "table1_bf16",
         "table3",
+        "quant_decode",
         "table1_fp16",
     ]
     assert "--configs vanilla,ckpt,amp,lora,ckpt+amp,ckpt+lora,amp+lora,ckpt+amp+lora --examples 2" in proc.stdout

@@ -14,9 +14,11 @@ from project.quant import (
     Int8Linear,
     QuantConfig,
     kernel_for,
+    pack_pairs,
     quantize,
     quantize_int4,
     quantize_int8,
+    tinygemm_tiles,
     unpack_int4,
 )
 
@@ -106,6 +108,33 @@ def test_int4_packed_layout_unpacks_to_the_levels():
     assert layer.kernel == "packed" and layer.q.shape == (128, 48)  # half a byte per weight, no second copy
 
 
+def unpack_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """pack_pairs' bytes back to (N, K) levels, byte by byte: high nibble first."""
+    return torch.stack([pairs // 16, pairs % 16], dim=-1).flatten(1)
+
+
+def test_int4_plain_layout_is_two_levels_a_byte_high_nibble_first():
+    """Worked by hand: levels 1, 2 | 15, 0 in a row pack to bytes 0x12 and 0xF0; the fallback layer stores half a
+    byte per weight and dequantizes each level back to its place."""
+    q = torch.tensor([[1, 2, 15, 0]], dtype=torch.uint8)
+    assert pack_pairs(q).tolist() == [[0x12, 0xF0]]
+    layer = Int4Linear(linear(n_out=48, n_in=64), 32, "dequantize")
+    assert layer.q.shape == (48, 32) and layer.q.dtype == torch.uint8
+    q, s, m = quantize_int4(linear(n_out=48, n_in=64).weight.detach(), 32)
+    assert torch.equal(unpack_pairs(layer.q), q)
+    expected = (q.float().reshape(48, 2, 32) * s[..., None] + m[..., None]).reshape(48, 64)
+    torch.testing.assert_close(layer.dequantize(), expected, rtol=0, atol=1e-6)
+
+
+def test_kernel_choice_off_cpu_needs_no_gpu_to_decide_the_fallbacks():
+    """int8 off CPU, and int4 for training (backward needs the plain layout), take the dequantize fallback;
+    tinygemm's inner k-tiling is the widest of 8, 4, 2 tiles of 16 columns that divides the width."""
+    cuda = torch.device("cuda")
+    assert kernel_for(cuda, "int8") == "dequantize" and kernel_for(cuda, "int4", training=True) == "dequantize"
+    assert kernel_for(torch.device("mps"), "int4") == "dequantize"
+    assert [tinygemm_tiles(k) for k in (2048, 576, 96, 40)] == [8, 4, 2, None]  # 576 = 36 * 16: 4 tiles of 16
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_prefill_of_fp32_activations_uses_the_fp32_matmul(mode):
     """Above PACKED_MAX_ROWS rows of fp32 activations a packed layer computes x @ dequantized W^T in fp32, and
@@ -116,7 +145,7 @@ def test_prefill_of_fp32_activations_uses_the_fp32_matmul(mode):
     if mode == "int8":
         weight = layer.q.float() * layer.scales.float()[:, None]
     else:  # scale * (level - 8) + zero, group by group, from the stored levels and (K/G, N, 2) scales and zeros
-        levels = unpack_int4(layer.q, 128, 64) if layer.kernel == "packed" else layer.q
+        levels = unpack_int4(layer.q, 128, 64) if layer.kernel == "packed" else unpack_pairs(layer.q)
         sz = layer.scales_zeros.float().repeat_interleave(32, dim=0)  # (K, N, 2)
         weight = ((levels.float().T - 8) * sz[..., 0] + sz[..., 1]).T
     torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""`make gpu-check`: the CUDA tests, then a short Table 1 and Table 3 on this machine's GPU, into reports/gpu/.
+"""`make gpu-check`: the CUDA tests, then a short Table 1, Table 3 and quantized decode (int8 / int4, the tinygemm
+kernel) on this machine's GPU, into reports/gpu/.
 
     python -m project.bench.gpu_check              # on a CUDA machine: about 10 minutes on one modern GPU
     python -m project.bench.gpu_check --dry_run    # print the steps and check their flags; runs nothing (any machine)
@@ -73,10 +74,19 @@ def plan(bf16: bool, missing: dict[str, str]) -> tuple[list[Step], list[str]]:
         240,
         ("tokenizer", "data"),
     )  # fmt: skip
+    quant = Step(
+        "quant_decode",
+        [py, "benchmark_inference.py", "--shape", "llama3.2-1b", "--device", "cuda", "--dtype", dtypes[0],
+         "--quantize", "none,int8,int4", "--batch_sizes", "1,16", "--kv", "on", "--input_lens", "256",
+         "--output_lens", "32", "--repeats", "2", "--warmup", "1", "--timeout_s", "60", *hf_inference,
+         "--out", str(OUT / "quant_decode")],
+        150,
+        ("tokenizer",),
+    )  # fmt: skip
     tests = Step("cuda_tests", [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests/test_cuda.py"], 150, ("pytest",))
     # The caps add up to more than the budget: time a step leaves unused goes to the ones after it, and the
     # last (Table 1 in the second dtype) runs on what is left, if at least MIN_STEP_S.
-    steps = [tests, table1(dtypes[0], 210), table3, *[table1(d, 180) for d in dtypes[1:]]]
+    steps = [tests, table1(dtypes[0], 210), table3, quant, *[table1(d, 180) for d in dtypes[1:]]]
     kept = []
     for step in steps:
         lacking = [missing[n] for n in step.needs if n in missing]
