@@ -28,9 +28,9 @@ from llama.runtime import DTYPE_NAMES, log, resolve_device, resolve_dtype
 from project.bench.harness import device_name, git_commit, measure_limits, staged_output
 from project.bench.inference import report, results
 from project.bench.inference.config import COMPILE_MODES, KV_MODES, grid, int_list
-from project.bench.inference.llamacpp import GGUF_FOR, GGUF_FROM_DTYPE, check_installed, gguf_files
+from project.bench.inference.llamacpp import GGUF_FOR, GGUF_FROM_DTYPE, check_installed
 from project.bench.inference.quality import run_quality
-from project.bench.inference.sweep import hf_weights, run_sweep
+from project.bench.inference.sweep import baseline_files, run_sweep
 from project.cli import name_list, run, writable_dir
 from project.quant import QuantConfig
 
@@ -135,8 +135,7 @@ def main(
         if limits:
             measure_limits(run_dir)  # machine_limits.json, which the report reads
         with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
-            hf_dir = hf_weights(source, dt, Path(tmp) / "hf") if "hf" in others else None
-            ggufs = gguf_files(source, DTYPE_NAMES[dt], modes or ["none"], Path(tmp)) if "llamacpp" in others else {}
+            hf_dir, ggufs = baseline_files(source, dt, others, modes or ["none"], Path(tmp))
             specs = grid(
                 *sizes,
                 kv,

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama.checkpoint import ModelSource
 from llama.errors import UserError
 from llama.runtime import log
 from project.bench.inference.config import Spec
@@ -38,17 +37,16 @@ def check_installed():
         raise UserError(f"--compare llamacpp needs llama-cpp-python: {INSTALL}")
 
 
-def gguf_files(source: ModelSource, dtype: str, quant_modes: list[str], folder: Path) -> dict[str, str]:
-    """{llama.cpp weight type: GGUF path} for the run's dtype and each of our weight formats' counterparts."""
+def gguf_files(model, tokenizer, dtype: str, quant_modes: list[str], folder: Path) -> dict[str, str]:
+    """{llama.cpp weight type: GGUF path}: model written in the run's dtype, and llama.cpp's counterparts of each of
+    our weight formats quantized from that file."""
     import llama_cpp
 
     from llama.export import save_gguf
 
     base = GGUF_FROM_DTYPE[dtype]
     log(f"writing the weights as a {base} GGUF for llama.cpp ...")
-    model, tokenizer = source.load(torch.float32, "cpu")
     files = {base: str(save_gguf(model, tokenizer, folder / f"model-{base}.gguf", base))}
-    del model
     ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}
     for mode in quant_modes:
         kind = GGUF_FOR.get(mode)
@@ -86,8 +84,6 @@ def quiet_c_output():
 def run_llamacpp(spec: Spec, device: torch.device, result: dict) -> list[dict]:
     import llama_cpp
 
-    if device.type != "cpu":
-        raise UserError("--compare llamacpp measures llama-cpp-python's CPU build; run the benchmark with --device cpu")
     if spec.batch_size != 1:
         raise UserError("llama-cpp-python's Llama decodes one sequence: --compare llamacpp runs batch size 1 only")
     if not spec.prompt:

@@ -7,12 +7,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from llama.checkpoint import ModelSource, save_hf
 from llama.errors import UserError
-from llama.runtime import log
+from llama.runtime import DTYPE_NAMES, log
 from project.bench.harness import run_child, status_line
 from project.bench.inference.config import Spec
 from project.bench.inference.hf import hf_source
+from project.bench.inference.llamacpp import gguf_files
 
 CHILD = "project.bench.inference.child"
 
@@ -46,18 +49,35 @@ def ok_text(result: dict) -> str:
     return f"{mid['wall_s']:.2f} s, peak {mid['peak_bytes'] / 2**20:.0f} MiB"
 
 
-def hf_weights(source: ModelSource, dtype, out_dir: Path) -> str | None:
-    """A folder transformers can load the same weights from: None where it reads the checkpoint as it is
-    (a Hugging Face folder or a GGUF file), else our weights written in Hugging Face layout to out_dir."""
-    if not source.shape:
-        try:
-            hf_source(source.ckpt_dir)
-            return None
-        except UserError:
-            pass
-    log("converting the weights to Hugging Face layout for transformers ...")
-    model, _ = source.load(dtype, "cpu")
-    save_hf(model, out_dir)
+def baseline_files(
+    source: ModelSource, dtype: torch.dtype, stacks: list[str], quant_modes: list[str], folder: Path
+) -> tuple[Optional[str], dict[str, str]]:
+    """The weights the other stacks read, written from one load of ours (in the run's dtype): a folder in Hugging
+    Face layout for transformers (None where it reads the checkpoint as it is: a Hugging Face folder or a GGUF
+    file) and GGUF files for llama.cpp (project/bench/inference/llamacpp.py)."""
+    hf = "hf" in stacks and not hf_reads(source)
+    if not hf and "llamacpp" not in stacks:
+        return None, {}
+    model, tokenizer = source.load(dtype, "cpu")
+    hf_dir = None
+    if hf:
+        log("converting the weights to Hugging Face layout for transformers ...")
+        save_hf(model, folder / "hf")
+        hf_dir = str(folder / "hf")
+    ggufs = {}
+    if "llamacpp" in stacks:
+        ggufs = gguf_files(model, tokenizer, DTYPE_NAMES[dtype], quant_modes, folder)
     del model
     gc.collect()
-    return str(out_dir)
+    return hf_dir, ggufs
+
+
+def hf_reads(source: ModelSource) -> bool:
+    """Whether transformers loads source's checkpoint as it is (a Hugging Face folder or a GGUF file)."""
+    if source.shape:
+        return False
+    try:
+        hf_source(source.ckpt_dir)
+        return True
+    except UserError:
+        return False
