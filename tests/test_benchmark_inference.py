@@ -19,7 +19,7 @@ from llama.tokenizer import Llama3Tokenizer
 from project.bench.inference.config import grid, int_list
 from project.bench.inference.prompt import prompt_tokens
 from project.bench.inference.quality import HELDOUT, agreement
-from project.bench.inference.report import limits_section, speed_table
+from project.bench.inference.report import limits_section, speed_table, stack_name
 from project.quant import QuantConfig, kernel_for
 
 IN_LEN, OUT_LEN, REPEATS = 12, 5, 2
@@ -284,6 +284,10 @@ def test_grid_compiled_and_llamacpp_variants():
     assert have == want
     with pytest.raises(UserError, match="--compile must be off, on or both"):
         grid([1], [8], [4], "on", ["ours"], quants, "sometimes", **COMMON)
+    # A torch.compile mode besides the default names the compiled rows (their own rows in the tables).
+    tuned = grid([1], [8], [4], "on", ["ours", "hf"], quants[:1], "both", compile_mode="max-autotune", **COMMON)
+    assert [s.decode for s in tuned] == ["eager", "compiled (max-autotune)", "eager"]
+    assert stack_name("ours", "int8", tuned[1].decode) == "ours (llama/), int8 weights, compiled decode (max-autotune)"
 
 
 def test_speed_table_ratios_by_hand():

@@ -65,6 +65,8 @@ def test_lora_settings_out_of_range_are_refused():
         (["inference.py", "--temperature", "-1"], "error: --temperature must be 0 (greedy) or positive"),
         (["inference.py", "--temperature", "abc"], "error: --temperature takes a number, not 'abc'"),
         (["benchmark_inference.py", "--batch_sise", "1"], "error: unknown flag --batch_sise: did you mean"),
+        (["inference.py", "--compile", "--compile_mode", "fast"], "error: --compile_mode must be one of default, "),
+        (["benchmark_inference.py", "--compile_mode", "fast"], "error: --compile_mode must be one of default, "),
         (["benchmark_finetuning.py", "--confgs", "lora"], "error: unknown flag --confgs: did you mean --configs?"),
         (["finetuning.py", "--lr_schedule", "step"], "error: --lr_schedule must be one of constant, cosine, linear"),
         (["finetuning.py", "--heldout", "500"], "error: --heldout 500 leaves no training records"),

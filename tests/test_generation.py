@@ -8,7 +8,8 @@ import torch
 from conftest import ToyTokenizer, tiny_model
 from transformers import LlamaForCausalLM
 
-from llama.checkpoint import save_hf
+from llama.checkpoint import ModelSource, save_hf
+from llama.errors import UserError
 from llama.generation import Llama, decode_one_token, prefill, sample
 from llama.model import KVCache, fuse_projections
 
@@ -64,6 +65,17 @@ def test_compiled_decode_token_identical_to_the_plain_path(tiny_llama):
         assert greedy(compiled, PROMPTS, True) == singles
         assert greedy(compiled, PROMPTS, True, n=7) == [s[:7] for s in singles]  # same shapes: no recompilation
     assert greedy(compiled, PROMPTS, False) == singles  # without the cache: the plain path
+
+
+def test_compile_mode_reaches_torch_compile_and_a_wrong_one_stops_before_loading(monkeypatch):
+    """--compile_mode is torch.compile's mode for the decode step; an unknown one is one UserError naming the choices,
+    raised before any weights are read (the checkpoint folder here does not exist)."""
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
+    Llama(tiny_model(), ToyTokenizer(), torch.device("cpu"), compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert seen == dict(fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
+    with pytest.raises(UserError, match="--compile_mode must be one of default, max-autotune-no-cudagraphs"):
+        Llama.build(ModelSource("/nonexistent/checkpoint"), compile=True, compile_mode="fastest")
 
 
 def test_greedy_default_model_cache_on_off_and_batch(default_model):

@@ -23,7 +23,9 @@ def run_ours(spec: Spec, device: torch.device, result: dict) -> list[dict]:
     from llama.generation import Llama
 
     start = time.perf_counter()
-    llama = Llama.build(spec.source, device=str(device), dtype=spec.dtype, compile=spec.compile)
+    llama = Llama.build(
+        spec.source, device=str(device), dtype=spec.dtype, compile=spec.compile, compile_mode=spec.compile_mode
+    )
     result["quantization"] = quantize(llama.model, spec.quant)
     result["load_s"] = time.perf_counter() - start
     prompt = spec.prompt or prompt_tokens(llama.tokenizer, spec.input_len)

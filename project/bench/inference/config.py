@@ -30,6 +30,7 @@ class Spec:
     source: ModelSource = ModelSource()
     quant: QuantConfig = QuantConfig()  # weight-only quantization of our stack (project/quant.py)
     compile: bool = False  # our stack: decode with the compiled static-shape step (llama.generation.Llama)
+    compile_mode: str = "default"  # torch.compile's mode for it (llama.generation.COMPILE_MODES)
     hf_dir: Optional[str] = None  # the same weights in Hugging Face layout (converted), for stack "hf"
     gguf: Optional[str] = None  # stack "llamacpp": the GGUF file holding quant's counterpart (llamacpp.py)
     prompt: Optional[list[int]] = None  # exact prompt ids; None: build them from the model's tokenizer
@@ -39,8 +40,15 @@ class Spec:
     def name(self) -> str:
         kv = "on " if self.kv_cache else "off"
         weights = f" {self.quant.name}" if self.quant.mode != "none" else ""
-        weights += " compiled" if self.compile else ""
+        weights += f" {self.decode}" if self.compile else ""
         return f"{self.stack:4s}{weights} kv {kv} batch {self.batch_size:3d} in {self.input_len} out {self.output_len}"
+
+    @property
+    def decode(self) -> str:
+        """How our stack decodes: 'eager', 'compiled', or 'compiled (MODE)' for a torch.compile mode besides default."""
+        if not self.compile:
+            return "eager"
+        return "compiled" if self.compile_mode == "default" else f"compiled ({self.compile_mode})"
 
     def matches(self, selector: str) -> bool:
         """True if every key=value of selector (e.g. "batch_size=2,kv_cache=off") holds for this spec."""

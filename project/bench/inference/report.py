@@ -16,13 +16,15 @@ STACK_NAMES = {"ours": "ours (llama/)", "hf": "Hugging Face transformers", "llam
 
 
 def stack_name(stack: str, quantize: str = "none", decode: str = "eager") -> str:
-    """'ours (llama/)', 'ours (llama/), int8 weights, compiled decode', 'Hugging Face transformers', 'llama.cpp,
+    """'ours (llama/)', 'ours (llama/), int8 weights, compiled decode', 'ours (llama/), compiled decode
+    (max-autotune-no-cudagraphs)' (a torch.compile mode besides the default), 'Hugging Face transformers', 'llama.cpp,
     Q8_0 weights' (llama.cpp's counterpart of our int8)."""
     if stack == "llamacpp":
         kind = GGUF_FOR.get(quantize.split("-")[0])
         return STACK_NAMES[stack] + (f", {kind.upper()} weights" if kind else ", unquantized GGUF")
     weights = f", {quantize} weights" if quantize != "none" else ""
-    return STACK_NAMES.get(stack, stack) + weights + (", compiled decode" if decode == "compiled" else "")
+    compiled = ", " + decode.replace("compiled", "compiled decode", 1) if decode != "eager" else ""
+    return STACK_NAMES.get(stack, stack) + weights + compiled
 
 
 VARIANT = ["stack", "quantize", "decode"]  # what tells two rows of one configuration apart
@@ -259,7 +261,7 @@ def limits_section(machine: dict, summary: pd.DataFrame, model: str) -> list[str
         for r in rows.itertuples():
             per_weight = {"none": BYTES.get(r.dtype, 2), "int8": 1}.get(r.quantize, 0.5)
             limit = bound * 2 / per_weight
-            compiled = ", compiled" if getattr(r, "decode", "eager") == "compiled" else ""
+            compiled = f", {r.decode}" if getattr(r, "decode", "eager") != "eager" else ""
             lines.append(
                 f"| {r.quantize} ({r.dtype}{compiled}) | {r.decode_tokens_per_s:.1f} | {limit:.1f} | "
                 f"{100 * r.decode_tokens_per_s / limit:.0f}% |"

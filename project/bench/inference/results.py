@@ -54,7 +54,7 @@ def rows(done: list[tuple[Spec, dict]], meta: dict) -> list[dict]:
         base = {
             "stack": spec.stack,
             "quantize": spec.quant.name,
-            "decode": "compiled" if spec.compile else "eager",
+            "decode": spec.decode,
             "quantization": res.get("quantization", ""),
             "kv_cache": "on" if spec.kv_cache else "off",
             "batch_size": spec.batch_size,
