@@ -69,7 +69,8 @@ def main(
     of --group_size input columns); Hugging Face runs once, with the model's own weights.
     --compile on decodes with torch.compile's static-shape step (compiled once per configuration, untimed, in
     about 1-2 minutes on 2 CPU cores); both runs every configuration of ours both ways. --compile_mode sets
-    torch.compile's mode (max-autotune-no-cudagraphs: 10-13 % faster decode on a 2-core CPU, 4x the compile time).
+    torch.compile's mode, or a list of modes each compiled row runs in (default,max-autotune-no-cudagraphs:
+    the second is 10-13 % faster at decode on a 2-core CPU, for 4x the compile time).
     --limits runs ../shared/tools/machine_limits.py first (about 30 s) and sets our figures against them.
     --report_only rebuilds report.md, summary.csv and the plots in --out from its results.csv and meta.json.
     --timeout_s records a configuration still running after that many seconds (loading included) as timeout.
@@ -102,7 +103,9 @@ def main(
     compiled = {True: "on", False: "off"}.get(compile, compile)  # a bare --compile is True
     if compiled not in COMPILE_MODES:
         raise UserError(f"--compile must be off, on or both (got {compile!r})")
-    check_compile_mode(str(compile_mode))
+    compile_modes = name_list(compile_mode)
+    for mode in compile_modes:
+        check_compile_mode(mode)
     modes = name_list(quantize)
     quants = [QuantConfig(m, int(group_size)) for m in modes or ["none"]]
     tf_version = ""
@@ -146,7 +149,7 @@ def main(
                 stacks,
                 quants,
                 compiled,
-                compile_mode=str(compile_mode),
+                compile_modes=compile_modes,
                 device=str(dev),
                 dtype=DTYPE_NAMES[dt],
                 threads=threads,

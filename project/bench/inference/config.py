@@ -94,24 +94,28 @@ def grid(
     stacks: list[str],
     quants: list[QuantConfig],
     compile: str = "off",
+    compile_modes: tuple[str, ...] = ("default",),
     **common,
 ) -> list[Spec]:
     """Every combination, ordered so that each stack's cache-on and cache-off runs sit next to each other.
 
-    Compiled decoding is ours only; Hugging Face runs once per configuration, with the model's own weights;
-    llama.cpp runs each weight format's counterpart (project/bench/inference/llamacpp.py), at batch 1 with its
-    cache. A compiled decode needs the KV cache (without it, decoding is the plain path)."""
+    Compiled decoding is ours only, once per torch.compile mode of compile_modes; Hugging Face runs once per
+    configuration, with the model's own weights; llama.cpp runs each weight format's counterpart
+    (project/bench/inference/llamacpp.py), at batch 1 with its cache. A compiled decode needs the KV cache
+    (without it, decoding is the plain path)."""
     if kv not in KV_MODES:
         raise UserError(f"--kv must be on, off or both (got {kv!r})")
     if compile not in COMPILE_MODES:
         raise UserError(f"--compile must be off, on or both (got {compile!r})")
-    ours = [("ours", q, c) for q in quants for c in COMPILE_MODES[compile]]
-    variants = ours + [(s, QuantConfig(), False) for s in stacks if s == "hf"]
-    variants += [("llamacpp", q, False) for q in quants if "llamacpp" in stacks]
+    modes = {False: ("default",), True: tuple(compile_modes)}  # the torch.compile modes of an eager / compiled row
+    ours = [("ours", q, c, m) for q in quants for c in COMPILE_MODES[compile] for m in modes[c]]
+    variants = ours + [(s, QuantConfig(), False, "default") for s in stacks if s == "hf"]
+    variants += [("llamacpp", q, False, "default") for q in quants if "llamacpp" in stacks]
     return [
-        Spec(stack=stack, kv_cache=cache, batch_size=b, input_len=i, output_len=o, quant=quant, compile=c, **common)
-        for i, o, b, cache, (stack, quant, c) in itertools.product(
+        Spec(stack=stack, kv_cache=cache, batch_size=b, input_len=i, output_len=o, quant=quant, compile=c,
+             compile_mode=mode, **common)
+        for i, o, b, cache, (stack, quant, c, mode) in itertools.product(
             input_lens, output_lens, batch_sizes, KV_MODES[kv], variants
         )
         if (cache or not c) and (stack != "llamacpp" or (cache and b == 1))
-    ]
+    ]  # fmt: skip
