@@ -47,6 +47,7 @@ def main(
     dtype: str = "auto",
     repeats: int = 3,
     warmup: int = 1,
+    rounds: int = 1,
     out: str = "reports/inference",
     compare: Optional[str] = None,
     threads: Optional[int] = None,
@@ -73,6 +74,8 @@ def main(
     the second is 10-13 % faster at decode on a 2-core CPU, for 4x the compile time).
     --limits runs ../shared/tools/machine_limits.py first (about 30 s) and sets our figures against them.
     --report_only rebuilds report.md, summary.csv and the plots in --out from its results.csv and meta.json.
+    --rounds N runs the whole sweep N times, one round after the other, and takes medians over every round: on a
+    shared machine whose speed drifts, a slow spell then lands on all configurations of one round.
     --timeout_s records a configuration still running after that many seconds (loading included) as timeout.
     --simulate_oom batch_size=2,kv_cache=off makes the matching configurations fail as out of memory
     after loading (how the tests check that a sweep survives an OOM)."""
@@ -90,8 +93,8 @@ def main(
         raise UserError(f"--compare takes hf and/or llamacpp (got {compare!r})")
     if timeout_s is not None and not timeout_s > 0:
         raise UserError(f"--timeout_s must be a positive number of seconds, not {timeout_s}")
-    if int(repeats) < 1 or int(warmup) < 0:
-        raise UserError("--repeats must be at least 1 and --warmup at least 0")
+    if int(repeats) < 1 or int(warmup) < 0 or int(rounds) < 1:
+        raise UserError("--repeats and --rounds must be at least 1, --warmup at least 0")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     threads = int(threads or torch.get_num_threads())
@@ -137,6 +140,7 @@ def main(
             "date": datetime.date.today().isoformat(),
             "repeats": repeats,
             "warmup": warmup,
+            "rounds": int(rounds),
             "memory_note": report.memory_note(dev.type),
         }
         if limits:
@@ -163,15 +167,15 @@ def main(
                 if spec.stack == "llamacpp":
                     spec.gguf = ggufs[GGUF_FOR[spec.quant.mode] or GGUF_FROM_DTYPE[DTYPE_NAMES[dt]]]
             log(
-                f"{len(specs)} configurations of {source.name} on {meta['device']} ({meta['device_name']}), "
-                f"{meta['dtype']}, {threads} threads; results in {run_dir}"
+                f"{len(specs)} configurations ({int(rounds)} round(s)) of {source.name} on {meta['device']} "
+                f"({meta['device_name']}), {meta['dtype']}, {threads} threads; results in {run_dir}"
             )
 
             def save(done):
                 frame = pd.DataFrame(results.rows(done, meta), columns=results.CSV_COLUMNS)
                 results.write_csv(frame, run_dir / "results.csv")
 
-            done = run_sweep(specs, Path(tmp), on_result=save, timeout_s=timeout_s)
+            done = run_sweep(specs * int(rounds), Path(tmp), on_result=save, timeout_s=timeout_s)
             if any(q.mode != "none" for q in quants) and source.shape:
                 log("quality of the weight formats not measured: random weights have no quality to lose")
             elif any(q.mode != "none" for q in quants):

@@ -20,6 +20,7 @@ from project.bench.inference.config import grid, int_list
 from project.bench.inference.prompt import prompt_tokens
 from project.bench.inference.quality import HELDOUT, agreement
 from project.bench.inference.report import limits_section, speed_table, stack_name
+from project.bench.inference.results import summarize
 from project.quant import QuantConfig, kernel_for
 
 IN_LEN, OUT_LEN, REPEATS = 12, 5, 2
@@ -119,6 +120,23 @@ def test_weight_formats_and_their_quality(tiny_ckpt, tmp_path):
     assert q.loc["none", "identical_prompts"] == q.loc["none", "prompts"] == 4
     assert q.loc["int8", "perplexity_change"] == pytest.approx(q.loc["int8", "perplexity"] / math.exp(nll) - 1)
     assert "What each weight format costs in quality" in (out / "report.md").read_text()
+
+
+def test_rounds_run_the_sweep_again_and_pool_the_repeats(tiny_ckpt, tmp_path):
+    """--rounds 2: every configuration runs in two processes, the second round after the whole first one; the
+    summary's medians pool both rounds' repeats, and a configuration that failed in either round shows the failure."""
+    out = tmp_path / "rounds"
+    proc = bench(tiny_ckpt, out, "--batch_sizes", "1,2", "--kv", "on", "--rounds", "2")
+    order = [line.split("] ")[1].split(":")[0] for line in proc.stderr.splitlines() if "] ours" in line]
+    assert len(order) == 4 and order[:2] == order[2:]  # round after round, not each configuration twice in a row
+    df = pd.read_csv(out / "results.csv")
+    assert df.groupby(["batch_size", "round"]).size().to_dict() == {(b, r): REPEATS for b in (1, 2) for r in (0, 1)}
+    summary = pd.read_csv(out / "summary.csv").set_index("batch_size")
+    assert summary.loc[1, "repeats"] == 2 * REPEATS
+    assert summary.loc[1, "decode_s"] == pytest.approx(df[df.batch_size == 1].decode_s.median())
+    assert "the whole sweep ran 2 times" in (out / "report.md").read_text()
+    second_failed = df[df.batch_size == 1].assign(status=lambda d: d["round"].map({0: "ok", 1: "timeout"}))
+    assert summarize(second_failed).status.tolist() == ["timeout"]
 
 
 def test_greedy_agreement_counts_identical_leading_tokens():

@@ -339,7 +339,14 @@ def report(
         + (f", llama-cpp-python {meta['llama_cpp_version']}" if meta.get("llama_cpp_version") else ""),
         f"- greedy decoding, exactly `output_len` new tokens per row (no stop at EOS); every row of a batch is the "
         f"same prompt of exactly `input_len` tokens; each configuration in a fresh process; "
-        f"{meta['warmup']} warm-up run(s) of 2 new tokens, then the median of {meta['repeats']} (min–max in brackets)",
+        f"{meta['warmup']} warm-up run(s) of 2 new tokens, then the median of {meta['repeats']} (min–max in brackets)"
+        + (
+            f"; the whole sweep ran {meta['rounds']} times, one round after the other, and each figure is the median "
+            f"over the {meta['rounds']} × {meta['repeats']} runs (a slow spell of the machine then hits every "
+            "configuration in one round, not one configuration in all)"
+            if meta.get("rounds", 1) > 1
+            else ""
+        ),
         f"- peak memory: {meta['memory_note']}",
         *steal_note(summary),
         *compile_note(summary),

@@ -14,6 +14,7 @@ from project.bench.inference.prompt import tokens_sha
 MiB = 1 << 20
 KEYS = ["stack", "quantize", "decode", "kv_cache", "batch_size", "input_len", "output_len"]
 CSV_COLUMNS = KEYS + [
+    "round",
     "repeat",
     "status",
     "wall_s",
@@ -48,10 +49,13 @@ CSV_COLUMNS = KEYS + [
 
 
 def rows(done: list[tuple[Spec, dict]], meta: dict) -> list[dict]:
-    """One row per measured repeat; a configuration that failed (OOM, error) gets one row with its status."""
-    out = []
+    """One row per measured repeat; a configuration that failed (OOM, error) gets one row with its status. A spec
+    met again in done is its next round (--rounds), numbered from 0."""
+    out, rounds = [], {}
     for spec, res in done:
+        rounds[id(spec)] = rounds.get(id(spec), -1) + 1
         base = {
+            "round": rounds[id(spec)],
             "stack": spec.stack,
             "quantize": spec.quant.name,
             "decode": spec.decode,
@@ -122,7 +126,10 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     if "decode" not in df:  # files from before compiled decoding
         df = df.assign(decode="eager")
     for key, g in df.groupby(KEYS, sort=False):
-        row = dict(zip(KEYS, key), status=g["status"].iloc[0], repeats=int(g["repeat"].notna().sum()))
+        # Failed in any round: the configuration shows that status (an OOM is an OOM, not a noisy repeat).
+        failed = g.loc[g["status"] != "ok", "status"]
+        status = failed.iloc[0] if len(failed) else "ok"
+        row = dict(zip(KEYS, key), status=status, repeats=int(g["repeat"].notna().sum()))
         ok = g[g["status"] == "ok"]
         for c in numeric:
             row[c] = pd.to_numeric(ok[c]).median() if len(ok) and c in ok else None
