@@ -70,8 +70,8 @@ def main(
     of --group_size input columns); Hugging Face runs once, with the model's own weights.
     --compile on decodes with torch.compile's static-shape step (compiled once per configuration, untimed, in
     about 1-2 minutes on 2 CPU cores); both runs every configuration of ours both ways. --compile_mode sets
-    torch.compile's mode, or a list of modes each compiled row runs in (default,max-autotune-no-cudagraphs:
-    the second is 10-13 % faster at decode on a 2-core CPU, for 4x the compile time).
+    torch.compile's mode, or a list of modes each compiled row runs in (default,max-autotune-no-cudagraphs
+    compares the two; the second compiles about 4x as long).
     --limits runs ../shared/tools/machine_limits.py first (about 30 s) and sets our figures against them.
     --report_only rebuilds report.md, summary.csv and the plots in --out from its results.csv and meta.json.
     --rounds N runs the whole sweep N times, one round after the other, and takes medians over every round: on a

@@ -69,7 +69,7 @@ def main(
     --compile decodes with torch.compile's static-shape step: faster per token (1.6-1.9x on a 2-core CPU), but
     the first prompt waits for the compilation (1-2 minutes there); worth it for long or many generations.
     --compile_mode sets torch.compile's mode: max-autotune-no-cudagraphs times candidate kernels for each matmul
-    (10-13 % faster decode on a 2-core CPU, about 4x the compilation time).
+    (about 4x the compilation time; on a 2-core CPU no consistent gain was measured: see the README).
     """
     if sum(p is not None for p in (prompt, prompts, prompt_file)) > 1:
         raise UserError("give one of --prompt, --prompts and --prompt_file")

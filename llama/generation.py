@@ -92,7 +92,7 @@ class Llama:
     and cache length, which is rounded up to a multiple of CACHE_BLOCK); the first generate call pays for the
     compilation. Prefill and cache-off decoding are not compiled (their shapes change with every prompt).
     compile_mode: torch.compile's mode; max-autotune-no-cudagraphs times each matmul's candidate kernels and keeps
-    the fastest (on a 2-core CPU: 10-13 % more tokens/s than default, 4x the compilation time, measured)."""
+    the fastest, for about 4x the compilation time (whether it pays: reports/inference_decode, README)."""
 
     def __init__(
         self, model: Transformer, tokenizer, device: torch.device, compile: bool = False, compile_mode: str = "default"

@@ -134,7 +134,10 @@ def test_rounds_run_the_sweep_again_and_pool_the_repeats(tiny_ckpt, tmp_path):
     summary = pd.read_csv(out / "summary.csv").set_index("batch_size")
     assert summary.loc[1, "repeats"] == 2 * REPEATS
     assert summary.loc[1, "decode_s"] == pytest.approx(df[df.batch_size == 1].decode_s.median())
-    assert "the whole sweep ran 2 times" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "the whole sweep ran 2 times" in text and "differed between rounds by" in text
+    rates = df[df.batch_size == 1].groupby("round").decode_tokens_per_s.median()
+    assert summary.loc[1, "round_spread"] == pytest.approx(rates.max() / rates.min())
     second_failed = df[df.batch_size == 1].assign(status=lambda d: d["round"].map({0: "ok", 1: "timeout"}))
     assert summarize(second_failed).status.tolist() == ["timeout"]
 

@@ -420,6 +420,8 @@ def decode_section(folder: Path, reports_dir: Path, command: str) -> str:
         "times the candidate kernels of every matmul and keeps the fastest; `--compile_mode`).",
         "",
         *report.compile_note(summary),
+        *report.steal_note(summary),
+        *report.rounds_note(summary),
         "",
         *report.speed_table(summary),
         "",

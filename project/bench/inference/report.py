@@ -231,6 +231,20 @@ def steal_note(summary: pd.DataFrame) -> list[str]:
     ]
 
 
+def rounds_note(summary: pd.DataFrame) -> list[str]:
+    """With --rounds: how far apart one configuration's decode rates lie from round to round, the run's own noise."""
+    if "round_spread" not in summary or summary.round_spread.isna().all():
+        return []
+    worst = summary.loc[summary.round_spread.idxmax()]
+    return [
+        f"- rounds: a configuration's median decode tokens/s differed between rounds by "
+        f"{summary.round_spread.min():.2f}–{summary.round_spread.max():.2f}× (median "
+        f"{summary.round_spread.median():.2f}×; largest: {stack_name(worst['stack'], worst.quantize, worst.decode)}, "
+        f"batch {worst.batch_size}; per configuration in summary.csv, `round_spread`): differences between rows "
+        "smaller than that are not established by this run"
+    ]
+
+
 def limits_section(machine: dict, summary: pd.DataFrame, model: str) -> list[str]:
     """The machine's limits as measured by machine_limits.py and, on the Llama 3.2-1B shape, batch-1 decode
     with the cache as a share of the limit for its weight bytes (fp32 counts 4 bytes, bf16/fp16 2, int8 1, int4
@@ -349,6 +363,7 @@ def report(
         ),
         f"- peak memory: {meta['memory_note']}",
         *steal_note(summary),
+        *rounds_note(summary),
         *compile_note(summary),
         "",
     ]

@@ -135,6 +135,9 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             row[c] = pd.to_numeric(ok[c]).median() if len(ok) and c in ok else None
         if "cpu_steal" in g:  # one value per configuration (the child process), absent in older files
             row["cpu_steal"] = pd.to_numeric(g["cpu_steal"]).max()
+        if "round" in ok and ok["round"].nunique() > 1:  # --rounds: how far the rounds' medians lie apart
+            per_round = pd.to_numeric(ok["decode_tokens_per_s"]).groupby(ok["round"]).median()
+            row["round_spread"] = per_round.max() / per_round.min() if per_round.min() > 0 else None
         row["wall_min_s"] = ok["wall_s"].min() if len(ok) else None
         row["wall_max_s"] = ok["wall_s"].max() if len(ok) else None
         shas = set(ok["tokens_sha"])
