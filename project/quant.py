@@ -99,12 +99,12 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.reshape(N, K), s, lo
 
 
-def kernel_dtype(dtype: torch.dtype, kernel: str = "packed") -> torch.dtype:
-    """The activations' dtype inside a kernel: tinygemm takes only bf16; the CPU kernels bf16 for an fp32 model
-    (see the module docstring), else the model's own."""
-    if kernel == "tinygemm":
+def kernel_dtype(dtype: torch.dtype, kernel: str) -> torch.dtype:
+    """The activations' (and scales') dtype inside a kernel for a model in dtype: tinygemm takes only bf16; the CPU
+    kernels bf16 for an fp32 model (see the module docstring), else the model's own; the fallback the model's."""
+    if kernel == "tinygemm" or (kernel == "packed" and dtype == torch.float32):
         return torch.bfloat16
-    return torch.bfloat16 if dtype == torch.float32 else dtype
+    return dtype
 
 
 class QuantizedMatmul(torch.autograd.Function):
@@ -166,8 +166,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features, self.kernel = w.shape[1], w.shape[0], kernel
         q, s = quantize_int8(w)
         self.register_buffer("q", q.to(w.device))
-        dtype = kernel_dtype(w.dtype) if kernel == "packed" else w.dtype
-        self.register_buffer("scales", s.to(device=w.device, dtype=dtype))
+        self.register_buffer("scales", s.to(device=w.device, dtype=kernel_dtype(w.dtype, kernel)))
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(N, K) in dtype: q times its row's scale; into `out` (N, K) if given."""
@@ -224,12 +223,11 @@ class Int4Linear(nn.Module):
                 self.kernel, q = "packed", packed
         elif kernel == "tinygemm" and N % 8 == 0 and tinygemm_tiles(K):
             self.kernel = "tinygemm"
-            q = torch.ops.aten._convert_weight_to_int4pack(pack_pairs(q.to(w.device)), tinygemm_tiles(K))
+            q = torch.ops.aten._convert_weight_to_int4pack(pack_pairs(q), tinygemm_tiles(K))
         if self.kernel == "dequantize":
             q = pack_pairs(q)
-        self.register_buffer("q", q.to(w.device))
-        dtype = kernel_dtype(w.dtype, self.kernel) if self.kernel != "dequantize" else w.dtype
-        self.register_buffer("scales_zeros", scales_zeros.to(device=w.device, dtype=dtype).contiguous())
+        self.register_buffer("q", q)
+        self.register_buffer("scales_zeros", scales_zeros.to(kernel_dtype(w.dtype, self.kernel)).contiguous())
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(N, K) in dtype: scale * (q - 8) + zero = q * scale + (zero - 8 scale) group by group, in place on the
