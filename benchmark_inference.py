@@ -66,8 +66,9 @@ def main(
     --compare hf also runs Hugging Face transformers' generate on the same weights and prompt ids; --compare
     llamacpp (or hf,llamacpp) llama.cpp through llama-cpp-python on the same weights written as GGUF (batch 1).
     --threads defaults to PyTorch's default for this machine; it is the same for every configuration.
-    --quantize none,int8,int4 sweeps our stack's weights in those formats (project/quant.py; int4 in groups
-    of --group_size input columns); Hugging Face runs once, with the model's own weights.
+    --quantize none,int8,int4,w8a8 sweeps our stack's weights in those formats (project/quant.py; int4 in
+    groups of --group_size input columns; w8a8 also quantizes each token's activations to int8 and multiplies in
+    integers); Hugging Face runs once, with the model's own weights.
     --compile on decodes with torch.compile's static-shape step (compiled once per configuration, untimed, in
     about 1-2 minutes on 2 CPU cores); both runs every configuration of ours both ways. --compile_mode sets
     torch.compile's mode, or a list of modes each compiled row runs in (default,max-autotune-no-cudagraphs

@@ -65,7 +65,8 @@ def main(
     --chat wraps each prompt in the model's chat format; --batch runs all prompts in one batch.
     --prompt_file reads one prompt, of any length, from a text file (- for standard input).
     --quantize int8|int4 stores the linear layers' weights in 8 / 4 bits (project/quant.py; int4 in groups of
-    --group_size input columns).
+    --group_size input columns); w8a8 stores them in 8 bits and also quantizes each token's activations to 8 bits,
+    multiplying in integers (faster prefill and batched decode on x86 CPUs; a little more quality lost).
     --compile decodes with torch.compile's static-shape step: faster per token (1.6-1.9x on a 2-core CPU), but
     the first prompt waits for the compilation (1-2 minutes there); worth it for long or many generations.
     --compile_mode sets torch.compile's mode: max-autotune-no-cudagraphs times candidate kernels for each matmul

@@ -46,8 +46,10 @@ def parameter_bytes(model: torch.nn.Module) -> int:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Parameters and buffers: a quantized model keeps its weights in buffers (project/quant.py)."""
-    return storage_bytes([*model.parameters(), *model.buffers()])
+    """Parameters and buffers (a quantized model keeps its weights in buffers), and the weights a kernel holds in
+    its own packed form outside PyTorch's tensors (project/quant.py's w8a8 layers on CPU)."""
+    packed = sum(getattr(m, "packed_bytes", 0) for m in model.modules())
+    return storage_bytes([*model.parameters(), *model.buffers()]) + packed
 
 
 def gradient_bytes(model: torch.nn.Module) -> int:

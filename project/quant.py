@@ -1,12 +1,19 @@
-"""Weight-only quantization of the linear layers: int8 per output channel, int4 in groups of input columns.
+"""Quantization of the linear layers: weight-only int8 per output channel and int4 in groups of input columns,
+and w8a8 (int8 weights and activations, integer matmul).
 
     int8   w[n, k] ~ s[n] * q[n, k]                          q in [-127, 127],  s[n] = max_k |w[n, k]| / 127
     int4   w[n, k] ~ s[n, g] * q[n, k] + m[n, g]              q in [0, 15],      per group g of G columns:
                                                               s = (max - min) / 15,  m = min
+    w8a8   the int8 weights, and each row (token) of the activations x[t, k] ~ r[t] / 127 * a[t, k] at run time
+           (dynamic), a in [-127, 127], r[t] = max_k |x[t, k]|:  y[t, n] = r[t] / 127 * s[n] * sum_k a q  (int32 sums)
 
-Both round to the nearest level, so every weight is off by at most half a step: |w - w_hat| <= s / 2 (the tests
-check exactly this bound). Activations stay in the model's dtype; only the weights shrink (int8: 1 byte, int4:
-half a byte per weight, plus the scales), which is what batch-1 decode is bound by: reading the weights.
+All round to the nearest level, so every weight (and w8a8 activation) is off by at most half a step: |w - w_hat| <=
+s / 2 (the tests check exactly this bound). int8 and int4 keep the activations in the model's dtype; only the
+weights shrink (int8: 1 byte, int4: half a byte per weight, plus the scales), which is what batch-1 decode is bound
+by: reading the weights. w8a8 also makes the arithmetic integer, which is what prefill and batched decode are bound
+by on a CPU (int8 dot products: 4x fp32's per instruction with VNNI); it costs more quality than weight-only int8
+(a token's largest activation sets its step), measured by the benchmark's quality table. Each token has its own
+scale, so a row's result does not depend on the other rows of the call (KV cache on/off and batching agree).
 
 Kernels (`kernel_for` chooses; `quantize` says which in its description):
 - "packed", on CPU: PyTorch's packed weight-only kernels (`torch._weight_int8pack_mm`, and
@@ -21,6 +28,10 @@ Kernels (`kernel_for` chooses; `quantize` says which in its description):
   kernel gpt-fast uses (bf16 activations, the same [scale, zero] pairs), on weights packed once by
   `_convert_weight_to_int4pack`. Its tiled layout is opaque, so training (backward needs the dequantized weight
   every step) keeps the plain layout below instead.
+- "fbgemm", w8a8 on x86 CPUs: PyTorch's quantized linear (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`,
+  FBGEMM, on weights packed once by `quantized::linear_prepack`), fed each row divided by its own max |x| with the
+  fixed activation scale 1/127: that is exactly the per-token quantization above, done inside the kernel. Without
+  VNNI its 8-bit products can saturate, so there activations take 7 bits (63 levels a side; stated on load).
 - "dequantize" everywhere else (int8 on CUDA, int4 before sm80, MPS, training on CUDA): the weight is dequantized
   into a reused buffer and F.linear runs: correct everywhere, with the memory saving, without the speed. int4
   levels are stored two to a byte here too.
@@ -31,6 +42,8 @@ LoRA; the model code is unchanged and any checkpoint format can be quantized at 
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,14 +54,14 @@ from torch import nn
 from llama.errors import UserError
 from llama.runtime import DTYPE_NAMES
 
-MODES = ("none", "int8", "int4")
+MODES = ("none", "int8", "int4", "w8a8")
 PACKED_MAX_ROWS = 32  # fp32 activations: above this many rows (a prefill), dequantize and use the fp32 matmul
 GROUP_SIZES = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    mode: str = "none"  # none, int8 or int4
+    mode: str = "none"  # none, int8, int4 or w8a8
     group_size: int = 32  # int4 only: input columns sharing one scale and minimum
     output: bool = True  # also the output projection (the largest matrix of a small model)
 
@@ -64,8 +77,14 @@ class QuantConfig:
 
 
 def kernel_for(device: torch.device, mode: str, training: bool = False) -> str:
-    """'packed' (CPU) or 'tinygemm' (int4, CUDA sm80+) where PyTorch has a weight-only kernel for mode on this
-    device, else 'dequantize'. training: the layers will be trained through (LoRA on a quantized base)."""
+    """'packed' (CPU), 'tinygemm' (int4, CUDA sm80+) or 'fbgemm' (w8a8, x86 CPU) where PyTorch has a kernel for mode
+    on this device, else 'dequantize'. training: the layers will be trained through (LoRA on a quantized base)."""
+    if mode == "w8a8":
+        return (
+            "fbgemm"
+            if device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+            else "dequantize"
+        )
     if device.type == "cpu":
         has = {
             "int8": hasattr(torch, "_weight_int8pack_mm"),
@@ -268,6 +287,98 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+# w8a8's activation levels a side on "fbgemm" (see the module docstring)
+ACTIVATION_LEVELS = 127 if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else 63
+
+
+def row_max(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) -> (M, 1): max |x| of each row (never 0), the scale of its w8a8 levels."""
+    r = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())  # |x|'s max, without |x|
+    return r.clamp_(min=torch.finfo(torch.float32).tiny)
+
+
+# The "fbgemm" layers, by key: the kernel's packed weight is a TorchScript object, which torch.compile cannot take as
+# an input, so the compiled decode step calls the kernel through this operator with the layer's key instead.
+_W8A8_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_OPS = torch.library.Library("efficient_llama", "DEF")
+_OPS.define("w8a8_linear(Tensor x, int layer) -> Tensor")
+
+
+def _w8a8_linear(x: torch.Tensor, layer: int) -> torch.Tensor:
+    """x (M, K) fp32, each row already divided by its max |x|: the int32 sums times the weight scales, over levels."""
+    packed = _W8A8_LAYERS[layer].packed
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 1 / ACTIVATION_LEVELS, 128, packed)
+
+
+_OPS.impl("w8a8_linear", _w8a8_linear, "CPU")
+
+
+@torch.library.register_fake("efficient_llama::w8a8_linear")
+def _(x: torch.Tensor, layer: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], _W8A8_LAYERS[layer].out_features)
+
+
+class W8A8Linear(nn.Module):
+    """y = x W^T in integer arithmetic: W int8 per output channel, each row of x quantized to 8 bits as it comes."""
+
+    def __init__(self, linear: nn.Linear, kernel: str):
+        super().__init__()
+        w = linear.weight.detach()
+        self.in_features, self.out_features, self.kernel = w.shape[1], w.shape[0], kernel
+        q, s = quantize_int8(w)
+        self.register_buffer("scales", s.to(w.device))
+        if kernel == "fbgemm":
+            with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the kernel takes one
+                warnings.simplefilter("ignore")
+                zero = torch.zeros_like(s, dtype=torch.long)
+                self.packed = torch.ops.quantized.linear_prepack(
+                    torch._make_per_channel_quantized_tensor(q, s.double(), zero, 0), None
+                )
+            self.packed_bytes = q.numel() + 12 * self.out_features  # the kernel's copy: levels, scales, row sums
+            self._register()
+        else:
+            self.register_buffer("q", q)
+
+    def _register(self):
+        self.key = id(self)
+        _W8A8_LAYERS[self.key] = self
+
+    def __setstate__(self, state):  # a copy (copy.deepcopy, pickle) is a layer of its own
+        super().__setstate__(state)
+        if self.kernel == "fbgemm":
+            self._register()
+
+    def levels(self) -> torch.Tensor:
+        """The int8 weight levels (N, K)."""
+        if self.kernel == "fbgemm":
+            return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
+        return self.q
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N, K) in dtype: the weight levels times their row's scale; into `out` (N, K) if given."""
+        w = self.levels() * self.scales[:, None].to(dtype)
+        return w if out is None else out.copy_(w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N)."""
+        if x.requires_grad and torch.is_grad_enabled():
+            return QuantizedMatmul.apply(x, self)
+        x2 = x.reshape(-1, self.in_features).float()
+        r = row_max(x2)
+        if self.kernel == "fbgemm":
+            y = torch.ops.efficient_llama.w8a8_linear(x2 / r, self.key).mul_(r)
+        else:  # the same integers, multiplied in floating point (exact while the sums stay below 2^24)
+            y = F.linear(torch.round(x2 * (127 / r)), self.levels().float()) * (r / 127) * self.scales
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+LAYERS = {
+    "int8": lambda linear, cfg, kernel: Int8Linear(linear, kernel),
+    "int4": lambda linear, cfg, kernel: Int4Linear(linear, cfg.group_size, kernel),
+    "w8a8": lambda linear, cfg, kernel: W8A8Linear(linear, kernel),
+}
+
+
 def quantize(model: nn.Module, cfg: QuantConfig, training: bool = False) -> str:
     """Replace every nn.Linear of the transformer blocks (and the output projection if cfg.output) in place.
     training: the quantized layers will be trained through (kernel_for).
@@ -283,10 +394,15 @@ def quantize(model: nn.Module, cfg: QuantConfig, training: bool = False) -> str:
         targets.append((model, "output"))
     for parent, name in targets:
         linear = getattr(parent, name)
-        new = Int8Linear(linear, kernel) if cfg.mode == "int8" else Int4Linear(linear, cfg.group_size, kernel)
-        setattr(parent, name, new)
+        setattr(parent, name, LAYERS[cfg.mode](linear, cfg, kernel))
     where = "block linears" + (" and output" if cfg.output else "")
-    acts = f", {DTYPE_NAMES[kernel_dtype(weight.dtype, kernel)]} activations" if kernel != "dequantize" else ""
+    if cfg.mode == "w8a8":
+        bits = 8 if kernel == "dequantize" or ACTIVATION_LEVELS == 127 else 7
+        acts = f", activations to {bits} bits per token" + ("" if bits == 8 else " (no VNNI on this CPU)")
+    elif kernel != "dequantize":
+        acts = f", {DTYPE_NAMES[kernel_dtype(weight.dtype, kernel)]} activations"
+    else:
+        acts = ""
     text = f"{cfg.name} weights ({len(targets)} {where}), {kernel} kernel on {weight.device.type}{acts}"
     fallback = sum(getattr(parent, name).kernel != kernel for parent, name in targets)
     if fallback:  # a shape the kernel does not take (int4: rows not a multiple of 64 on CPU, of 8 on CUDA)

@@ -67,6 +67,23 @@ def test_compiled_decode_token_identical_to_the_plain_path(tiny_llama):
     assert greedy(compiled, PROMPTS, False) == singles  # without the cache: the plain path
 
 
+def test_compiled_decode_with_w8a8_layers_matches_eager():
+    """w8a8's CPU kernel takes a TorchScript object, which torch.compile cannot trace: the compiled step reaches it
+    through project.quant's operator, and must give the eager path's tokens."""
+    import torch._dynamo
+
+    from project.quant import QuantConfig, quantize
+
+    def build(compile):
+        model = fuse_projections(tiny_model(seed=5))
+        quantize(model, QuantConfig("w8a8"))
+        return Llama(model, ToyTokenizer(), torch.device("cpu"), compile=compile)
+
+    eager = [greedy(build(False), [p], True)[0] for p in PROMPTS]
+    torch._dynamo.reset()
+    assert greedy(build(True), PROMPTS, True) == eager
+
+
 def test_compile_mode_reaches_torch_compile_and_a_wrong_one_stops_before_loading(monkeypatch):
     """--compile_mode is torch.compile's mode for the decode step; an unknown one is one UserError naming the choices,
     raised before any weights are read (the checkpoint folder here does not exist)."""

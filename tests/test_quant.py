@@ -8,11 +8,14 @@ from torch import nn
 
 from llama.errors import UserError
 from llama.generation import Llama
+from project.memory import weight_bytes
 from project.quant import (
+    ACTIVATION_LEVELS,
     PACKED_MAX_ROWS,
     Int4Linear,
     Int8Linear,
     QuantConfig,
+    W8A8Linear,
     kernel_for,
     pack_pairs,
     quantize,
@@ -174,7 +177,73 @@ def test_quantize_replaces_every_block_linear_and_the_output():
     assert isinstance(kept.output, nn.Linear) and isinstance(kept.layers[0].attention.wq, Int4Linear)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+W8A8_KERNELS = ["dequantize"] + (["fbgemm"] if kernel_for(CPU, "w8a8") == "fbgemm" else [])
+
+
+def w8a8_reference(layer: nn.Linear, x: torch.Tensor, levels: int) -> torch.Tensor:
+    """The module docstring's w8a8 formula in float64, by hand: each row of x to integers in [-levels, levels] by its
+    own max |x|, the weights to int8 by their row's max |w|, integer dot products, both scales."""
+    w, x = layer.weight.detach().double(), x.double()
+    s = w.abs().amax(dim=1) / 127
+    q = torch.round(w / s[:, None])
+    r = x.abs().amax(dim=1, keepdim=True)
+    a = torch.round(x / r * levels)
+    return (a @ q.T) * (r / levels) * s
+
+
+@pytest.mark.parametrize("kernel", W8A8_KERNELS)
+def test_w8a8_is_integer_arithmetic_on_per_token_levels(kernel):
+    layer, x = linear(), torch.randn(9, 64) * torch.logspace(-2, 2, 9)[:, None]  # rows of very different ranges
+    levels = ACTIVATION_LEVELS if kernel == "fbgemm" else 127
+    y, ref = W8A8Linear(layer, kernel)(x).double(), w8a8_reference(layer, x, levels)
+    # A value on a rounding boundary may go either way: one activation level of one column, times the weight's.
+    one_level = (x.abs().amax(dim=1, keepdim=True).double() / levels) * layer.weight.detach().abs().amax(dim=1)
+    assert ((y - ref).abs() <= one_level + 1e-6 * ref.abs()).all()
+    assert (y - ref).abs().median() < 1e-5 * ref.abs().median()  # and almost every value is exact
+
+
+@pytest.mark.parametrize("kernel", W8A8_KERNELS)
+def test_w8a8_error_is_bounded_and_rows_are_independent(kernel):
+    """x_hat = x + e, W_hat = W + E with |e| <= d/2 (d = max|x_row| / levels), |E| <= s/2:
+    |x_hat W_hat^T - x W^T| <= sum_k |w_nk| d/2 + |x_k| s_n/2 + d s_n/4. And a row's result is the same alone."""
+    layer, x = linear(), torch.randn(6, 64)
+    q = W8A8Linear(layer, kernel)
+    y, ref = q(x), x @ layer.weight.detach().T
+    d = x.abs().amax(dim=1, keepdim=True) / (ACTIVATION_LEVELS if kernel == "fbgemm" else 127)  # (M, 1)
+    s = q.scales[None, :]  # (1, N)
+    w = layer.weight.detach().abs()
+    bound = d * w.sum(dim=1) / 2 + x.abs() @ (s.expand(64, -1) / 2) + 64 * d * s / 4
+    assert ((y - ref).abs() <= bound + 1e-5).all()
+    assert (y - ref).abs().max() > 0
+    for i in range(len(x)):
+        torch.testing.assert_close(q(x[i : i + 1]), y[i : i + 1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(q.dequantize(), W8A8Linear(layer, "dequantize").dequantize())
+
+
+@pytest.mark.skipif("fbgemm" not in W8A8_KERNELS, reason="no FBGEMM in this PyTorch")
+def test_w8a8_fbgemm_layer_copies_and_counts_its_packed_weights():
+    """The kernel's packed weight lives outside PyTorch's tensors: a copy must work on its own after the original
+    is gone, and weight_bytes must count it (one byte per weight, plus the scales)."""
+    import copy
+    import gc
+
+    layer, x = linear(), torch.randn(3, 64)
+    original = W8A8Linear(layer, "fbgemm")
+    y = original(x)
+    dup = copy.deepcopy(original)
+    del original
+    gc.collect()
+    torch.testing.assert_close(dup(x), y, rtol=0, atol=0)
+    model = tiny_model()
+    linears = [m.weight.shape for m in model.modules() if isinstance(m, nn.Linear)]
+    n_weights, n_rows = sum(n * k for n, k in linears), sum(n for n, _ in linears)
+    before = weight_bytes(model)
+    quantize(model, QuantConfig("w8a8"))
+    # fp32 weights (4 bytes) -> int8 levels (1 byte); per row: a buffered fp32 scale, and the kernel's 12 bytes
+    assert weight_bytes(model) == before - 3 * n_weights + 16 * n_rows
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
 def test_quantized_model_stays_close_and_cache_on_off_agree(mode):
     ref = tiny_model(dim=64, hidden_dim=128)
     model = tiny_model(dim=64, hidden_dim=128)
@@ -184,7 +253,7 @@ def test_quantized_model_stays_close_and_cache_on_off_agree(mode):
         a, b = F.log_softmax(ref(x), -1), F.log_softmax(model(x), -1)
     # The quantized model's next-token distribution stays near the original (KL per position, nats).
     kl = (a.exp() * (a - b)).sum(-1)
-    assert kl.max() < (0.05 if mode == "int8" else 0.5)
+    assert kl.max() < {"int8": 0.05, "w8a8": 0.1, "int4": 0.5}[mode]
     llama = Llama(model, ToyTokenizer(), CPU)
     on = llama.generate([[1, 2, 3, 4]], 12, use_kv_cache=True, stop_at_eos=False).tokens
     off = llama.generate([[1, 2, 3, 4]], 12, use_kv_cache=False, stop_at_eos=False).tokens

@@ -24,8 +24,8 @@ SAMPLES = "kv_cache_samples.json"  # written by make_samples (python -m project.
 COMMAND = "python benchmark_inference.py"
 QUANT_DIR = "inference_quant"  # beside the Table 1 folder
 QUANT_COMMAND = (
-    "python benchmark_inference.py --quantize none,int8,int4 --compare hf --batch_sizes 1,16 --kv on --limits "
-    "--out reports/inference_quant"
+    "python benchmark_inference.py --quantize none,int8,int4,w8a8 --compare hf --batch_sizes 1,16 --kv on "
+    "--limits --out reports/inference_quant"
 )
 # The decode path (fused projections, compiled decode) against transformers and llama.cpp: folder -> command.
 DECODE_RUNS = {
@@ -383,7 +383,7 @@ def quant_section(folder: Path, reports_dir: Path, warnings: list) -> str:
         return got
     frame, summary, source = got
     out = [
-        f"{source} Weight-only int8 / int4 (`project/quant.py`): "
+        f"{source} Weight-only int8 / int4 and w8a8 (int8 weights and per-token int8 activations; `project/quant.py`): "
         f"{'; '.join(sorted(set(frame.quantization.dropna().astype(str)) - {'weights not quantized'}))}.",
         "",
     ]

@@ -28,7 +28,9 @@ from project.bench.inference.prompt import tokens_sha
 
 INSTALL = "pip install llama-cpp-python (it compiles llama.cpp: about 12 minutes on 2 cores)"
 # Our weight format -> the llama.cpp file type that stores the same kind of weights.
-GGUF_FOR = {"none": None, "int8": "q8_0", "int4": "q4_1"}
+# Our weight format -> llama.cpp's counterpart. Its Q8_0 dot products also quantize the activations to 8 bits
+# (blocks of 32), so Q8_0 serves both int8 and w8a8.
+GGUF_FOR = {"none": None, "int8": "q8_0", "int4": "q4_1", "w8a8": "q8_0"}
 GGUF_FROM_DTYPE = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 

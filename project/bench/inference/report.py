@@ -273,7 +273,7 @@ def limits_section(machine: dict, summary: pd.DataFrame, model: str) -> list[str
             "|---|---:|---:|---:|",
         ]
         for r in rows.itertuples():
-            per_weight = {"none": BYTES.get(r.dtype, 2), "int8": 1}.get(r.quantize, 0.5)
+            per_weight = {"none": BYTES.get(r.dtype, 2), "int8": 1, "w8a8": 1}.get(r.quantize, 0.5)
             limit = bound * 2 / per_weight
             compiled = f", {r.decode}" if getattr(r, "decode", "eager") != "eager" else ""
             lines.append(
@@ -317,8 +317,8 @@ def speed_table(summary: pd.DataFrame) -> list[str]:
         "",
         "Decode tokens/s: batch × (new tokens − 1) ÷ the decode time (every token after the first); prefill: the "
         "prompt's forward pass until the first token. llama.cpp runs its GGUF counterpart of each of our weight "
-        "formats (unquantized in the run's dtype, Q8_0 for int8, Q4_1 for int4: a scale and a minimum per 32 "
-        "weights, the scheme of our int4-g32), batch 1, its default f16 KV cache. Quantized formats and other "
+        "formats (unquantized in the run's dtype, Q8_0 for int8 and w8a8, Q4_1 for int4: a scale and a minimum "
+        "per 32 weights, the scheme of our int4-g32), batch 1, its default f16 KV cache. Quantized formats and other "
         "kernels round differently, so *same tokens* is expected only of unquantized fp32 rows.",
     ]
 
