@@ -5,7 +5,8 @@ and w8a8 (int8 weights and activations, integer matmul).
     int4   w[n, k] ~ s[n, g] * q[n, k] + m[n, g]              q in [0, 15],      per group g of G columns:
                                                               s = (max - min) / 15,  m = min
     w8a8   the int8 weights, and each row (token) of the activations x[t, k] ~ r[t] / 127 * a[t, k] at run time
-           (dynamic), a in [-127, 127], r[t] = max_k |x[t, k]|:  y[t, n] = r[t] / 127 * s[n] * sum_k a q  (int32 sums)
+           (dynamic), a in [-127, 127], r[t] = max_k |x[t, k]|:  y[t, n] = r[t] / 127 * s[n] * sum_k a q  (int32 sums);
+           on x86 CPUs without VNNI the weights take 63 levels a side, s[n] = max_k |w[n, k]| / 63 (see "fbgemm")
 
 All round to the nearest level, so every weight (and w8a8 activation) is off by at most half a step: |w - w_hat| <=
 s / 2 (the tests check exactly this bound). int8 and int4 keep the activations in the model's dtype; only the
@@ -31,7 +32,10 @@ Kernels (`kernel_for` chooses; `quantize` says which in its description):
 - "fbgemm", w8a8 on x86 CPUs: PyTorch's quantized linear (`quantized::linear_with_input_q_dq_qweight_dq_output_fp32`,
   FBGEMM, on weights packed once by `quantized::linear_prepack`), fed each row divided by its own max |x| with the
   fixed activation scale 1/127: that is exactly the per-token quantization above, done inside the kernel. Without
-  VNNI its 8-bit products can saturate, so there activations take 7 bits (63 levels a side; stated on load).
+  VNNI it multiplies with AVX2's vpmaddubsw, which adds two products of an unsigned activation byte (up to 255) and a
+  weight into 16 bits and saturates above 32767; weights of at most 63 keep every pair below (2 * 255 * 63 = 32130).
+  So there the weights take 7 bits (stated on load). On the default model 7-bit weights cost +6.8 % perplexity over
+  fp32, 7-bit activations (the other way out) +19 % (measured by forcing each on a VNNI CPU).
 - "dequantize" everywhere else (int8 on CUDA, int4 before sm80, MPS, training on CUDA): the weight is dequantized
   into a reused buffer and F.linear runs: correct everywhere, with the memory saving, without the speed. int4
   levels are stored two to a byte here too.
@@ -98,11 +102,11 @@ def kernel_for(device: torch.device, mode: str, training: bool = False) -> str:
     return "dequantize"
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K) -> q (N, K) int8, s (N,) fp32 with w ~ s[:, None] * q."""
+def quantize_int8(w: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> q (N, K) int8 in [-levels, levels], s (N,) fp32 with w ~ s[:, None] * q."""
     w = w.float()
-    s = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    q = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+    s = w.abs().amax(dim=1).clamp(min=1e-12) / levels
+    q = torch.round(w / s[:, None]).clamp(-levels, levels).to(torch.int8)
     return q, s
 
 
@@ -287,8 +291,8 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-# w8a8's activation levels a side on "fbgemm" (see the module docstring)
-ACTIVATION_LEVELS = 127 if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else 63
+# w8a8's weight levels a side on "fbgemm": 63 where the CPU has no VNNI (see the module docstring)
+FBGEMM_WEIGHT_LEVELS = 127 if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else 63
 
 
 def row_max(x: torch.Tensor) -> torch.Tensor:
@@ -305,9 +309,9 @@ _OPS.define("w8a8_linear(Tensor x, int layer) -> Tensor")
 
 
 def _w8a8_linear(x: torch.Tensor, layer: int) -> torch.Tensor:
-    """x (M, K) fp32, each row already divided by its max |x|: the int32 sums times the weight scales, over levels."""
+    """x (M, K) fp32, each row already divided by its max |x|: the int32 sums times the weight scales, over 127."""
     packed = _W8A8_LAYERS[layer].packed
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 1 / ACTIVATION_LEVELS, 128, packed)
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 1 / 127, 128, packed)
 
 
 _OPS.impl("w8a8_linear", _w8a8_linear, "CPU")
@@ -321,11 +325,13 @@ def _(x: torch.Tensor, layer: int) -> torch.Tensor:
 class W8A8Linear(nn.Module):
     """y = x W^T in integer arithmetic: W int8 per output channel, each row of x quantized to 8 bits as it comes."""
 
-    def __init__(self, linear: nn.Linear, kernel: str):
+    def __init__(self, linear: nn.Linear, kernel: str, weight_levels: Optional[int] = None):
+        """weight_levels: a side, by default FBGEMM_WEIGHT_LEVELS on "fbgemm", else 127."""
         super().__init__()
         w = linear.weight.detach()
         self.in_features, self.out_features, self.kernel = w.shape[1], w.shape[0], kernel
-        q, s = quantize_int8(w)
+        self.weight_levels = weight_levels or (FBGEMM_WEIGHT_LEVELS if kernel == "fbgemm" else 127)
+        q, s = quantize_int8(w, self.weight_levels)
         self.register_buffer("scales", s.to(w.device))
         if kernel == "fbgemm":
             with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the kernel takes one
@@ -397,8 +403,9 @@ def quantize(model: nn.Module, cfg: QuantConfig, training: bool = False) -> str:
         setattr(parent, name, LAYERS[cfg.mode](linear, cfg, kernel))
     where = "block linears" + (" and output" if cfg.output else "")
     if cfg.mode == "w8a8":
-        bits = 8 if kernel == "dequantize" or ACTIVATION_LEVELS == 127 else 7
-        acts = f", activations to {bits} bits per token" + ("" if bits == 8 else " (no VNNI on this CPU)")
+        acts = ", activations to 8 bits per token"
+        if kernel == "fbgemm" and FBGEMM_WEIGHT_LEVELS < 127:
+            acts += ", weights to 7 bits (no VNNI on this CPU: 8-bit products would saturate)"
     elif kernel != "dequantize":
         acts = f", {DTYPE_NAMES[kernel_dtype(weight.dtype, kernel)]} activations"
     else:

@@ -10,7 +10,7 @@ from llama.errors import UserError
 from llama.generation import Llama
 from project.memory import weight_bytes
 from project.quant import (
-    ACTIVATION_LEVELS,
+    FBGEMM_WEIGHT_LEVELS,
     PACKED_MAX_ROWS,
     Int4Linear,
     Int8Linear,
@@ -180,24 +180,29 @@ def test_quantize_replaces_every_block_linear_and_the_output():
 W8A8_KERNELS = ["dequantize"] + (["fbgemm"] if kernel_for(CPU, "w8a8") == "fbgemm" else [])
 
 
-def w8a8_reference(layer: nn.Linear, x: torch.Tensor, levels: int) -> torch.Tensor:
-    """The module docstring's w8a8 formula in float64, by hand: each row of x to integers in [-levels, levels] by its
-    own max |x|, the weights to int8 by their row's max |w|, integer dot products, both scales."""
+def w8a8_reference(layer: nn.Linear, x: torch.Tensor, weight_levels: int) -> torch.Tensor:
+    """The module docstring's w8a8 formula in float64, by hand: each row of x to integers in [-127, 127] by its own
+    max |x|, the weights to [-weight_levels, weight_levels] by their row's max |w|, integer dot products, scales."""
     w, x = layer.weight.detach().double(), x.double()
-    s = w.abs().amax(dim=1) / 127
+    s = w.abs().amax(dim=1) / weight_levels
     q = torch.round(w / s[:, None])
     r = x.abs().amax(dim=1, keepdim=True)
-    a = torch.round(x / r * levels)
-    return (a @ q.T) * (r / levels) * s
+    a = torch.round(x / r * 127)
+    return (a @ q.T) * (r / 127) * s
 
 
-@pytest.mark.parametrize("kernel", W8A8_KERNELS)
-def test_w8a8_is_integer_arithmetic_on_per_token_levels(kernel):
+@pytest.mark.parametrize("kernel,weight_levels", [(k, n) for k in W8A8_KERNELS for n in (127, 63)])
+def test_w8a8_is_integer_arithmetic_on_per_token_levels(kernel, weight_levels):
+    """Also at the activations' extremes (every product as large as it gets), where 8-bit weights would saturate a
+    CPU without VNNI: 63-level weights (the default there) must give the exact sums on any CPU."""
     layer, x = linear(), torch.randn(9, 64) * torch.logspace(-2, 2, 9)[:, None]  # rows of very different ranges
-    levels = ACTIVATION_LEVELS if kernel == "fbgemm" else 127
-    y, ref = W8A8Linear(layer, kernel)(x).double(), w8a8_reference(layer, x, levels)
+    x[0] = torch.sign(layer.weight.detach()[0]) * 3  # row 0: |x| at its max everywhere, signs matching weight row 0
+    if kernel == "fbgemm" and weight_levels == 127 and FBGEMM_WEIGHT_LEVELS < 127:
+        x = x[1:]  # saturates without VNNI: why such CPUs get 63 levels
+    q = W8A8Linear(layer, kernel, weight_levels)
+    y, ref = q(x).double(), w8a8_reference(layer, x, weight_levels)
     # A value on a rounding boundary may go either way: one activation level of one column, times the weight's.
-    one_level = (x.abs().amax(dim=1, keepdim=True).double() / levels) * layer.weight.detach().abs().amax(dim=1)
+    one_level = (x.abs().amax(dim=1, keepdim=True).double() / 127) * layer.weight.detach().abs().amax(dim=1)
     assert ((y - ref).abs() <= one_level + 1e-6 * ref.abs()).all()
     assert (y - ref).abs().median() < 1e-5 * ref.abs().median()  # and almost every value is exact
 
@@ -209,7 +214,7 @@ def test_w8a8_error_is_bounded_and_rows_are_independent(kernel):
     layer, x = linear(), torch.randn(6, 64)
     q = W8A8Linear(layer, kernel)
     y, ref = q(x), x @ layer.weight.detach().T
-    d = x.abs().amax(dim=1, keepdim=True) / (ACTIVATION_LEVELS if kernel == "fbgemm" else 127)  # (M, 1)
+    d = x.abs().amax(dim=1, keepdim=True) / 127  # (M, 1)
     s = q.scales[None, :]  # (1, N)
     w = layer.weight.detach().abs()
     bound = d * w.sum(dim=1) / 2 + x.abs() @ (s.expand(64, -1) / 2) + 64 * d * s / 4
