@@ -34,6 +34,8 @@ DECODE_RUNS = {
     "--limits --out reports/inference_decode",
     "inference_1b_decode": "python benchmark_inference.py --shape llama3.2-1b --quantize none,int8,int4 --compile both "
     "--compare hf,llamacpp --batch_sizes 1 --kv on --repeats 2 --limits --out reports/inference_1b_decode",
+    "inference_decode_w8a8": "python benchmark_inference.py --quantize int4,w8a8 --compile on --compare hf,llamacpp "
+    "--batch_sizes 1,16 --kv on --rounds 2 --limits --out reports/inference_decode_w8a8",
 }
 TABLE1_1B_DIR = "inference_1b_table1"  # the course's Table 1 on the Llama 3.2-1B shape, beside the Table 1 folder
 TABLE1_1B_COMMAND = (
@@ -473,7 +475,7 @@ def build(reports_dir: Path, inference_dir: Path, samples: str, env: dict, warni
                 "",
                 table1,
                 "",
-                "## Quantized weights: int8 and int4 against the model's own dtype",
+                "## Quantized weights: int8, int4 and w8a8 against the model's own dtype",
                 "",
                 quant_section(inference_dir.parent / QUANT_DIR, reports_dir, warnings),
                 "",
