@@ -174,6 +174,13 @@ def dequantized(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> t
     return layer.dequantize(dtype, out=scratch((layer.out_features, layer.in_features), dtype, device))
 
 
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, out: Optional[torch.Tensor] = None):
+    """(N, K) in dtype: int8 levels q (N, K) times their row's scale (N,); into `out` (N, K) if given."""
+    if out is None:
+        return q * scales[:, None].to(dtype)  # one kernel: int8 * float promotes to float
+    return out.copy_(q).mul_(scales[:, None].to(dtype))
+
+
 def block_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(parent, attribute) of every nn.Linear inside the transformer blocks, LoRA's base layers included."""
     return [(block, name) for block in model.layers.modules() for name, child in block.named_children()
@@ -193,9 +200,7 @@ class Int8Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(N, K) in dtype: q times its row's scale; into `out` (N, K) if given."""
-        if out is None:
-            return self.q * self.scales[:, None].to(dtype)  # one kernel: int8 * float promotes to float
-        return out.copy_(self.q).mul_(self.scales[:, None].to(dtype))
+        return dequantize_int8(self.q, self.scales, dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N)."""
@@ -362,8 +367,7 @@ class W8A8Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(N, K) in dtype: the weight levels times their row's scale; into `out` (N, K) if given."""
-        w = self.levels() * self.scales[:, None].to(dtype)
-        return w if out is None else out.copy_(w)
+        return dequantize_int8(self.levels(), self.scales, dtype, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N)."""
@@ -373,8 +377,8 @@ class W8A8Linear(nn.Module):
         r = row_max(x2)
         if self.kernel == "fbgemm":
             y = torch.ops.efficient_llama.w8a8_linear(x2 / r, self.key).mul_(r)
-        else:  # the same integers, multiplied in floating point (exact while the sums stay below 2^24)
-            y = F.linear(torch.round(x2 * (127 / r)), self.levels().float()) * (r / 127) * self.scales
+        else:  # the same levels, multiplied in floating point by the weight dequantized into the shared buffer
+            y = F.linear(torch.round(x2 * (127 / r)), dequantized(self, x2.dtype, x2.device)).mul_(r / 127)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 

@@ -222,7 +222,7 @@ def test_w8a8_error_is_bounded_and_rows_are_independent(kernel):
     assert (y - ref).abs().max() > 0
     for i in range(len(x)):
         torch.testing.assert_close(q(x[i : i + 1]), y[i : i + 1], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(q.dequantize(), W8A8Linear(layer, "dequantize").dequantize())
+    torch.testing.assert_close(q.dequantize(), W8A8Linear(layer, "dequantize", q.weight_levels).dequantize())
 
 
 @pytest.mark.skipif("fbgemm" not in W8A8_KERNELS, reason="no FBGEMM in this PyTorch")
