@@ -56,6 +56,7 @@ def main(
     compile: str = "off",
     compile_mode: str = "default",
     group_size: int = QuantConfig.group_size,
+    quantize_output=QuantConfig.output,
     limits: bool = False,
     simulate_oom: str = "",
     timeout_s: Optional[float] = None,
@@ -68,7 +69,8 @@ def main(
     --threads defaults to PyTorch's default for this machine; it is the same for every configuration.
     --quantize none,int8,int4,w8a8 sweeps our stack's weights in those formats (project/quant.py; int4 in
     groups of --group_size input columns; w8a8 also quantizes each token's activations to int8 and multiplies in
-    integers); Hugging Face runs once, with the model's own weights.
+    integers); Hugging Face runs once, with the model's own weights. --quantize_output auto,int4 runs each of
+    them with the output projection in each of these formats (auto: int8 under int4 blocks, else the blocks' own).
     --compile on decodes with torch.compile's static-shape step (compiled once per configuration, untimed, in
     about 1-2 minutes on 2 CPU cores); both runs every configuration of ours both ways. --compile_mode sets
     torch.compile's mode, or a list of modes each compiled row runs in (default,max-autotune-no-cudagraphs
@@ -111,7 +113,10 @@ def main(
     for mode in compile_modes:
         check_compile_mode(mode)
     modes = name_list(quantize)
-    quants = [QuantConfig(m, int(group_size)) for m in modes or ["none"]]
+    quants = {}  # one of each format: "none" is the same with any --quantize_output
+    for q in (QuantConfig(m, int(group_size), o) for m in modes or ["none"] for o in name_list(quantize_output)):
+        quants.setdefault((q.mode, q.output_mode), q)
+    quants = list(quants.values())
     tf_version = ""
     if "llamacpp" in others:
         check_installed()

@@ -56,6 +56,7 @@ def main(
     dtype: str = "auto",
     quantize: str = "none",
     group_size: int = QuantConfig.group_size,
+    quantize_output: str = QuantConfig.output,
     compile: bool = False,
     compile_mode: str = "default",
     seed: int = 0,
@@ -67,6 +68,8 @@ def main(
     --quantize int8|int4 stores the linear layers' weights in 8 / 4 bits (project/quant.py; int4 in groups of
     --group_size input columns); w8a8 stores them in 8 bits and also quantizes each token's activations to 8 bits,
     multiplying in integers (faster prefill and batched decode on x86 CPUs; a little more quality lost).
+    --quantize_output sets the output projection's format apart: auto (int8 under int4 blocks, which costs far
+    less quality than int4 there; else the blocks' format), none (unquantized), int8, int4 or w8a8.
     --compile decodes with torch.compile's static-shape step: faster per token (1.6-1.9x on a 2-core CPU), but
     the first prompt waits for the compilation (1-2 minutes there); worth it for long or many generations.
     --compile_mode sets torch.compile's mode: max-autotune-no-cudagraphs times candidate kernels for each matmul
@@ -88,7 +91,7 @@ def main(
         raise UserError(f"--top_p must be in (0, 1], not {top_p}")
     if top_k < 0:
         raise UserError(f"--top_k must be 0 (off) or a positive count, not {top_k}")
-    quant = QuantConfig(str(quantize), int(group_size))
+    quant = QuantConfig(str(quantize), int(group_size), str(quantize_output))
     llama = Llama.build(
         ModelSource(ckpt_dir, shape, seed), device=device, dtype=dtype, compile=compile, compile_mode=str(compile_mode)
     )

@@ -76,7 +76,7 @@ def prepare(model: nn.Module, lora: Optional[LoRAConfig], base: str, precision: 
         model.requires_grad_(True)
     what = base
     if base in QUANTIZED:
-        what = "quantized (" + quantize(model, QuantConfig(base, output=False), training=True) + ")"
+        what = "quantized (" + quantize(model, QuantConfig(base, output="none"), training=True) + ")"
     elif stored_only(base, precision):
         n = store_linears(model, DTYPES[base])
         what = f"{base} storage for the {n} block linears (fp32 arithmetic; embeddings, norms and output fp32)"

@@ -52,6 +52,16 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return storage_bytes([*model.parameters(), *model.buffers()]) + packed
 
 
+def decode_read_bytes(model: torch.nn.Module) -> int:
+    """The weight bytes a decode step reads: all of weight_bytes but the embedding table, of which a step reads one
+    row per token, unless the output projection is that table (tied, unquantized). Batch-1 decode's floor is this
+    divided by the memory's read rate."""
+    table = model.tok_embeddings.weight
+    if getattr(model.output, "weight", None) is table:
+        return weight_bytes(model)
+    return weight_bytes(model) - storage_bytes([table])
+
+
 def gradient_bytes(model: torch.nn.Module) -> int:
     return storage_bytes(p.grad for p in model.parameters())
 

@@ -111,6 +111,9 @@ def test_weight_formats_and_their_quality(tiny_ckpt, tmp_path):
     int8 = 4 * fp32 + 128256 * (64 + scale) + 2 * (linears + scale * rows)
     w = df.groupby("quantize").weights_mib.first()
     assert w["int8"] == pytest.approx(int8 / 2**20) and w["int4-g32"] < w["int8"] < w["none"]
+    # A decode step reads all of them but the fp32 embedding table (untied here), of which it looks up one row.
+    read, table = df.groupby("quantize").read_mib.first(), 4 * 128256 * 64 / 2**20
+    assert read["int8"] == pytest.approx(int8 / 2**20 - table) and read["none"] == pytest.approx(w["none"] - table)
     q = pd.read_csv(out / "quality.csv").set_index("quantize")
     model, tok = load_checkpoint(tiny_ckpt, torch.float32, "cpu")
     ids = torch.tensor([tok.encode(HELDOUT.read_text(), bos=True)[: model.args.max_seq_len]])
@@ -289,6 +292,11 @@ def test_limits_section_scales_the_bound_by_bytes_per_weight():
     lines = limits_section(slow, summary, "llama3.2-1b (random weights, seed 0)")
     assert any("(15.0 GB/s)" in line for line in lines)
     assert next(line for line in lines if line.startswith("| none")).split("|")[3].strip() == "15.0"
+    # Where the run recorded the bytes a decode step reads, the limit is the read rate over those bytes:
+    # 15 GB/s over 1500 MiB (1.5729 GB) is 9.5 tokens/s, whatever the format's name says.
+    measured = summary.assign(read_mib=[1500.0, 1500.0, 1500.0, None])
+    lines = limits_section(slow, measured, "llama3.2-1b (random weights, seed 0)")
+    assert {line.split("|")[3].strip() for line in lines if line.startswith(("| none", "| int"))} == {"9.5"}
 
 
 def test_grid_compiled_and_llamacpp_variants():
@@ -303,6 +311,14 @@ def test_grid_compiled_and_llamacpp_variants():
     want |= {("hf", "none", False, kv, b) for kv in (True, False) for b in (1, 4)}
     want |= {("llamacpp", q, False, True, 1) for q in ("none", "int8")}
     assert have == want
+    # Two formats of ours with the same blocks (the output projection apart) share llama.cpp's file: one run.
+    two = [QuantConfig("int4"), QuantConfig("int4", output="int4")]
+    specs = grid([1], [8], [4], "on", ["ours", "llamacpp"], two, "off", **COMMON)
+    assert [(s.stack, s.quant.name) for s in specs] == [
+        ("ours", "int4-g32"),
+        ("ours", "int4-g32, output int4"),
+        ("llamacpp", "int4-g32"),
+    ]
     with pytest.raises(UserError, match="--compile must be off, on or both"):
         grid([1], [8], [4], "on", ["ours"], quants, "sometimes", **COMMON)
     # A torch.compile mode besides the default names the compiled rows (their own rows in the tables).

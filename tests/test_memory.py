@@ -123,3 +123,23 @@ def test_cpu_peak_sees_a_known_allocation_in_bytes_and_resets_between_blocks():
     assert 250 * MiB <= got["first"][0] < 256 * MiB + 48 * MiB  # a few pages of `start` may leave meanwhile
     assert 60 * MiB <= got["second"][0] < 64 * MiB + 48 * MiB  # the reset forgot the first block's peak
     assert got["first"][2] and got["first"][3] == 0  # on CPU the headline peak is the RSS
+
+
+def test_decode_read_bytes_counts_the_embedding_table_only_where_the_output_reads_it():
+    """Worked by hand for the tiny model (dim 64, 2 layers, 4 heads of 16, 2 kv heads, hidden 96, vocab 256)."""
+    from conftest import tiny_model
+
+    from project.memory import decode_read_bytes
+    from project.quant import QuantConfig, quantize
+
+    block_shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (96, 64), (96, 64), (64, 96)]  # wq wk wv wo w1 w3 w2
+    norms_and_rope = 4 * (2 * 2 * 64 + 64) + 4 * 8  # fp32 norm weights, inv_freq (head dim / 2)
+    blocks = 2 * sum(n * k for n, k in block_shapes)
+    table = 256 * 64
+    tied = tiny_model(tie_word_embeddings=True)
+    assert decode_read_bytes(tied) == 4 * (blocks + table) + norms_and_rope  # the table is the output projection
+    untied = tiny_model()
+    assert decode_read_bytes(untied) == 4 * (blocks + table) + norms_and_rope  # the output's own matrix, not the table
+    quantize(tied, QuantConfig("int8"))  # int8 levels and one bf16 scale per output row (packed kernel, CPU)
+    int8 = 2 * sum(n * k + 2 * n for n, k in block_shapes) + table + 2 * 256
+    assert decode_read_bytes(tied) == int8 + norms_and_rope  # the full-precision table is only looked up

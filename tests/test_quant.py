@@ -171,9 +171,9 @@ def test_quantize_replaces_every_block_linear_and_the_output():
     text = quantize(model, QuantConfig("int8"))
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == n_linear
-    assert "int8" in text and str(n_linear) in text
+    assert text.startswith(f"int8 weights ({n_linear - 1} block linears and the output projection)")
     kept = tiny_model()
-    quantize(kept, QuantConfig("int4", output=False))
+    quantize(kept, QuantConfig("int4", output="none"))
     assert isinstance(kept.output, nn.Linear) and isinstance(kept.layers[0].attention.wq, Int4Linear)
 
 
@@ -272,3 +272,26 @@ def test_bad_settings_are_user_errors():
         QuantConfig("int4", group_size=48)
     with pytest.raises(UserError, match="multiple of"):
         quantize_int4(torch.randn(4, 40), 32)
+
+
+@pytest.mark.parametrize(
+    "mode,output,cls",
+    [("int4", "auto", Int8Linear), ("int8", "auto", Int8Linear), ("w8a8", "auto", W8A8Linear),
+     ("int4", "int4", Int4Linear), ("int8", "int4", Int4Linear), ("int4", "none", nn.Linear)],
+)  # fmt: skip
+def test_the_output_projection_takes_its_own_format(mode, output, cls):
+    """auto: int8 under int4 blocks (4 bits cost the output projection most), else the blocks' format."""
+    model = tiny_model()
+    quantize(model, QuantConfig(mode, output=output))
+    assert type(model.output) is cls
+    assert type(model.layers[0].attention.wq) is {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}[mode]
+
+
+def test_quant_config_names_its_output_format_when_not_the_default():
+    assert QuantConfig("int4").name == "int4-g32" and QuantConfig("int4").output_mode == "int8"
+    assert QuantConfig("int4", output="int8").name == "int4-g32"
+    assert QuantConfig("int4", output="int4").name == "int4-g32, output int4"
+    assert QuantConfig("w8a8", output="none").name == "w8a8, output none"
+    assert QuantConfig("none", output="int4").output_mode == "none"  # unquantized blocks: nothing is quantized
+    with pytest.raises(UserError, match="--quantize_output must be one of"):
+        QuantConfig("int4", output="int2")

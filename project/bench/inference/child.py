@@ -15,7 +15,7 @@ from project.bench.harness import child_main
 from project.bench.inference.config import Spec
 from project.bench.inference.measure import measure, settled_memory
 from project.bench.inference.prompt import prompt_tokens, tokens_sha
-from project.memory import weight_bytes
+from project.memory import decode_read_bytes, weight_bytes
 from project.quant import quantize
 
 
@@ -29,7 +29,12 @@ def run_ours(spec: Spec, device: torch.device, result: dict) -> list[dict]:
     result["quantization"] = quantize(llama.model, spec.quant)
     result["load_s"] = time.perf_counter() - start
     prompt = spec.prompt or prompt_tokens(llama.tokenizer, spec.input_len)
-    result.update(prompt=prompt, weights_bytes=weight_bytes(llama.model), baseline_bytes=settled_memory(device))
+    result.update(
+        prompt=prompt,
+        weights_bytes=weight_bytes(llama.model),
+        read_bytes=decode_read_bytes(llama.model),
+        baseline_bytes=settled_memory(device),
+    )
     batch = [prompt] * spec.batch_size
     if spec.simulate_oom:
         raise torch.OutOfMemoryError("simulated out of memory (--simulate_oom)")

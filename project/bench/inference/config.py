@@ -110,7 +110,9 @@ def grid(
     modes = {False: ("default",), True: tuple(compile_modes)}  # the torch.compile modes of an eager / compiled row
     ours = [("ours", q, c, m) for q in quants for c in COMPILE_MODES[compile] for m in modes[c]]
     variants = ours + [(s, QuantConfig(), False, "default") for s in stacks if s == "hf"]
-    variants += [("llamacpp", q, False, "default") for q in quants if "llamacpp" in stacks]
+    # llama.cpp's file for a mode is one whatever our output projection's format: run it once per mode
+    first = {q.mode: q for q in reversed(quants)}
+    variants += [("llamacpp", q, False, "default") for q in quants if "llamacpp" in stacks and first[q.mode] is q]
     return [
         Spec(stack=stack, kv_cache=cache, batch_size=b, input_len=i, output_len=o, quant=quant, compile=c,
              compile_mode=mode, **common)

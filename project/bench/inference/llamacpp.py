@@ -2,7 +2,8 @@
 
 The parent writes our loaded model as a GGUF file (llama/export.py, in the run's dtype) and has llama.cpp's own
 quantizer make the counterparts of our weight formats from it: int8 per channel -> Q8_0 (a scale per 32 weights),
-int4 with a scale and a minimum per group -> Q4_1 (the same scheme, groups of 32). The child generates with
+int4 with a scale and a minimum per group -> Q4_1 (the same scheme, groups of 32; its quantizer keeps the output
+projection, tied to the embedding or not, at Q8_0, as our int4 keeps it at int8 per channel). The child generates with
 llama-cpp-python (an optional benchmark dependency that compiles llama.cpp on install, never a runtime one):
 the same prompt ids, greedy (argmax of the last logits), exactly `output_len` tokens, the same threads, batch 1
 (its `Llama` object decodes one sequence), llama.cpp's default KV cache (f16).
@@ -27,7 +28,6 @@ from project.bench.inference.measure import measure, settled_memory
 from project.bench.inference.prompt import tokens_sha
 
 INSTALL = "pip install llama-cpp-python (it compiles llama.cpp: about 12 minutes on 2 cores)"
-# Our weight format -> the llama.cpp file type that stores the same kind of weights.
 # Our weight format -> llama.cpp's counterpart. Its Q8_0 dot products also quantize the activations to 8 bits
 # (blocks of 32), so Q8_0 serves both int8 and w8a8.
 GGUF_FOR = {"none": None, "int8": "q8_0", "int4": "q4_1", "w8a8": "q8_0"}

@@ -50,7 +50,9 @@ def run_quality(source: ModelSource, dtype: str, device: str, quants: list[Quant
     results = []
     for quant in formats:
         spec = {"device": device, "dtype": dtype, "source": asdict(source), "quant": asdict(quant)}
-        results.append((quant, run_child(CHILD, spec, folder, f"quality-{quant.name}")))
+        results.append(
+            (quant, run_child(CHILD, spec, folder, "quality-" + quant.name.replace(", ", "+").replace(" ", "-")))
+        )
     ref = results[0][1]
     rows = []
     for quant, r in results:

@@ -273,8 +273,11 @@ def limits_section(machine: dict, summary: pd.DataFrame, model: str) -> list[str
             "|---|---:|---:|---:|",
         ]
         for r in rows.itertuples():
-            per_weight = {"none": BYTES.get(r.dtype, 2), "int8": 1, "w8a8": 1}.get(r.quantize, 0.5)
-            limit = bound * 2 / per_weight
+            if pd.notna(getattr(r, "read_mib", None)):  # the bytes this configuration's decode step reads
+                limit = max(rates) * 1e9 / (r.read_mib * 2**20)
+            else:  # files from before read_mib: every weight in the blocks' format
+                per_weight = {"none": BYTES.get(r.dtype, 2), "int8": 1, "w8a8": 1}.get(r.quantize, 0.5)
+                limit = bound * 2 / per_weight
             compiled = f", {r.decode}" if getattr(r, "decode", "eager") != "eager" else ""
             lines.append(
                 f"| {r.quantize} ({r.dtype}{compiled}) | {r.decode_tokens_per_s:.1f} | {limit:.1f} | "
@@ -318,8 +321,9 @@ def speed_table(summary: pd.DataFrame) -> list[str]:
         "Decode tokens/s: batch × (new tokens − 1) ÷ the decode time (every token after the first); prefill: the "
         "prompt's forward pass until the first token. llama.cpp runs its GGUF counterpart of each of our weight "
         "formats (unquantized in the run's dtype, Q8_0 for int8 and w8a8, Q4_1 for int4: a scale and a minimum "
-        "per 32 weights, the scheme of our int4-g32), batch 1, its default f16 KV cache. Quantized formats and other "
-        "kernels round differently, so *same tokens* is expected only of unquantized fp32 rows.",
+        "per 32 weights, the scheme of our int4-g32, with the output projection at Q8_0 as ours at int8), batch 1, "
+        "its default f16 KV cache. Quantized formats and other kernels round differently, so *same tokens* is "
+        "expected only of unquantized fp32 rows.",
     ]
 
 

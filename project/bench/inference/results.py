@@ -27,6 +27,7 @@ CSV_COLUMNS = KEYS + [
     "peak_above_weights_mib",
     "peak_reserved_mib",
     "weights_mib",
+    "read_mib",
     "baseline_mib",
     "kv_cache_bytes",
     "compile_s",
@@ -67,6 +68,7 @@ def rows(done: list[tuple[Spec, dict]], meta: dict) -> list[dict]:
             "status": res["status"],
             "prompt_sha": tokens_sha([res["prompt"]]) if res.get("prompt") else "",
             "weights_mib": res["weights_bytes"] / MiB if "weights_bytes" in res else None,
+            "read_mib": res["read_bytes"] / MiB if "read_bytes" in res else None,  # ours: a decode step's weights
             "baseline_mib": res["baseline_bytes"] / MiB if "baseline_bytes" in res else None,
             "device_name": res.get("device_name", meta.get("device_name", "")),
             "transformers_version": res.get("transformers_version", "") if spec.stack == "hf" else "",
@@ -119,6 +121,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         "peak_above_weights_mib",
         "peak_reserved_mib",
         "weights_mib",
+        "read_mib",
         "kv_cache_bytes",
         "compile_s",
     ]
