@@ -25,7 +25,7 @@ COMMAND = "python benchmark_inference.py"
 QUANT_DIR = "inference_quant"  # beside the Table 1 folder
 QUANT_COMMAND = (
     "python benchmark_inference.py --quantize none,int8,int4,w8a8 --compare hf --batch_sizes 1,16 --kv on "
-    "--limits --out reports/inference_quant"
+    "--rounds 2 --limits --out reports/inference_quant"
 )
 # The decode path (fused projections, compiled decode) against transformers and llama.cpp: folder -> command.
 DECODE_RUNS = {
@@ -377,6 +377,11 @@ def course_table(folder: Path, reports_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def formats(frame: pd.DataFrame) -> str:
+    """Each quantized format's load-time description (which layers, which kernel), as the results recorded it."""
+    return " — ".join(sorted(set(frame.quantization.dropna().astype(str)) - {"weights not quantized", ""}))
+
+
 def quant_section(folder: Path, reports_dir: Path, warnings: list) -> str:
     """Weight formats side by side (Table 1 per format, Hugging Face ÷ ours), their quality and the machine's
     limits, from the quantization benchmark's folder, rendered by the benchmark's own renderers."""
@@ -386,7 +391,7 @@ def quant_section(folder: Path, reports_dir: Path, warnings: list) -> str:
     frame, summary, source = got
     out = [
         f"{source} Weight-only int8 / int4 and w8a8 (int8 weights and per-token int8 activations; `project/quant.py`): "
-        f"{'; '.join(sorted(set(frame.quantization.dropna().astype(str)) - {'weights not quantized'}))}.",
+        f"{formats(frame)}.",
         "",
     ]
     limits = folder / "machine_limits.json"
@@ -420,6 +425,8 @@ def decode_section(folder: Path, reports_dir: Path, command: str) -> str:
         "fixed-size cache read under a mask, so every step has the same shapes) through `torch.compile`, once per "
         "configuration, in its default mode, and where a row names it in `max-autotune-no-cudagraphs` (inductor "
         "times the candidate kernels of every matmul and keeps the fastest; `--compile_mode`).",
+        "",
+        f"Weight formats as this run loaded them: {formats(frame)}.",
         "",
         *report.compile_note(summary),
         *report.steal_note(summary),
