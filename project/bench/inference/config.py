@@ -111,8 +111,10 @@ def grid(
     ours = [("ours", q, c, m) for q in quants for c in COMPILE_MODES[compile] for m in modes[c]]
     variants = ours + [(s, QuantConfig(), False, "default") for s in stacks if s == "hf"]
     # llama.cpp's file for a mode is one whatever our output projection's format: run it once per mode
-    first = {q.mode: q for q in reversed(quants)}
-    variants += [("llamacpp", q, False, "default") for q in quants if "llamacpp" in stacks and first[q.mode] is q]
+    per_mode = {}
+    for q in quants:
+        per_mode.setdefault(q.mode, q)
+    variants += [("llamacpp", q, False, "default") for q in per_mode.values() if "llamacpp" in stacks]
     return [
         Spec(stack=stack, kv_cache=cache, batch_size=b, input_len=i, output_len=o, quant=quant, compile=c,
              compile_mode=mode, **common)
