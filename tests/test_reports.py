@@ -640,6 +640,32 @@ def test_phase3_compares_the_other_stack(results):
     assert len([k for k in t3 if k]) == len(BENCH)  # one row per configuration of ours
 
 
+def test_phase3_shows_the_repeated_rows_beside_hf(results):
+    """The benchmark run again over more passes (its own folder beside the first): its own Table 3, ratios from its
+    own rows; absent, no section; unreadable, said plainly."""
+    heading = "### Table 3's configurations again"
+    assert heading not in phase3_text(results)
+    repeat = results["bench"].parent / phase3.REPEAT_DIR
+    more = dict(passes=4, micro_batches=8)
+    hf = dict(micro_s_mean=8.0, peak_bytes=9900 * MiB, peak_rss_bytes=9900 * MiB)
+    write_bench(
+        repeat, [bench_row("vanilla", **more), bench_row("vanilla", "hf", **more, **hf), bench_row("lora", **more)]
+    )
+    text = phase3_text(results, warnings := [])
+    assert warnings == []
+    section = text[text.index(heading) :]
+    assert "4 passes over them (8 timed micro-batches a configuration)" in section
+    t3 = table_after(section, heading, key=lambda c: c[0].split()[-1])
+    assert sorted(k for k in t3 if k) == ["lora", "vanilla"]
+    ratio = t3[""].index("Time ours/HF")
+    assert t3["vanilla"][ratio - 3 : ratio + 1] == ["9.67 GiB", "0.91", "8.000 ± 0.100", "1.25"]  # 10 / 8, 9000 / 9900
+    assert t3["lora"][ratio - 3 : ratio + 1] == ["—"] * 4
+    (repeat / "measurements.csv").write_text("config\nvanilla\n")
+    text = phase3_text(results, warnings := [])
+    assert len(warnings) == 1 and "lacks the column" in warnings[0]
+    assert "**No results yet** for the repeated rows" in text and phase3.REPEAT_COMMAND in text
+
+
 # ---- PDFs --------------------------------------------------------------------------------------------------
 def pdf_pages(path: Path) -> int:
     """Page objects in the file (counted here, not by the library that wrote it)."""

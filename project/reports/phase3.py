@@ -30,6 +30,11 @@ RUN_FILES = ("summary.json", "train_log.jsonl", "samples.json")  # written by py
 MEASUREMENTS = "measurements.csv"  # written by python benchmark_finetuning.py
 RUN_COMMAND, BENCH_COMMAND = "python finetuning.py", "python benchmark_finetuning.py"
 RECIPE_COMMAND = "make finetune-recipe"  # the Makefile holds the recipe's flags, the README explains them
+REPEAT_DIR = "finetune_benchmark_fp32"  # beside the benchmark's folder: its fp32 rows measured over more passes
+REPEAT_COMMAND = (
+    "python benchmark_finetuning.py --configs vanilla,ckpt,lora,ckpt+lora,accum8 --passes 4 --compare hf --limits "
+    f"--out reports/{REPEAT_DIR} --run_dir runs/{REPEAT_DIR}"
+)
 
 
 # ---- the code ---------------------------------------------------------------------------------------
@@ -501,6 +506,34 @@ def benchmark_section(folder: Path, reports_dir: Path, warnings: list) -> tuple[
     return prov, "\n".join(out)
 
 
+def repeat_section(folder: Path, warnings: list) -> list[str]:
+    """Table 3's rows measured again over more passes (a second run of the benchmark, in its own folder, which is
+    optional: nothing when it is absent), beside transformers + peft: ratios with less of the machine's noise."""
+    path = folder / MEASUREMENTS
+    if not folder.exists():
+        return []
+    read, failed = md.read_results(
+        path, report.read_measurements, "the repeated rows", "repeat", REPEAT_COMMAND, warnings
+    )
+    heading = ["### Table 3's configurations again, over more passes", ""]
+    if failed:
+        return [*heading, failed[1], ""]
+    frame = read
+    micro = ", ".join(sorted({str(int(n)) for n in frame.get("micro_batches", pd.Series()).dropna()}))
+    return [
+        *heading,
+        f"From `{md.shown_path(path)}` ({len(frame)} rows; {md.distinct(frame, 'device_name')}, commit "
+        f"{md.distinct(frame, 'commit')}; command `{md.distinct(frame, 'command')}`): the same examples and settings "
+        f"as above, {md.distinct(frame, 'passes')} passes over them ({micro} timed micro-batches a configuration), "
+        "each configuration followed at once by its transformers + peft twin. A ratio of two runs is only as good as "
+        "the machine was steady between them, and more micro-batches make each mean firmer; the ± includes the "
+        "examples' different lengths.",
+        "",
+        *report.table3(frame),
+        "",
+    ]
+
+
 def checkpointing_section(summary: dict | None, warnings: list) -> str:
     n = SHAPES[facts.SHAPE].n_layers
     rows = []
@@ -595,6 +628,7 @@ def build(
                 "",
                 bench,
                 "",
+                *repeat_section(bench_dir.parent / REPEAT_DIR, warnings),
                 "## Gradient checkpointing: where and why",
                 "",
                 checkpointing_section(summary, warnings),

@@ -382,7 +382,10 @@ def table2_section(frame: pd.DataFrame) -> list[str]:
         "logits / loss buffers are the logits tensor plus what the loss saves (ours computes the logits of the "
         "label positions only, a chunk at a time, and keeps none: project/loss.py). Each is its largest value over "
         "the measured micro-batches. Gradient accumulation runs micro-batches of the same size, so it changes "
-        "none of the parts: what it buys is a larger effective batch at the memory of a batch of 1. "
+        "none of the parts: what it buys is a larger effective batch for about the memory of a batch of 1. Its "
+        "peak can still be higher: from the second micro-batch on, each gradient the backward pass computes is "
+        "added to the one already held, so for a moment both exist (the largest is the embedding's, vocabulary × "
+        "dimension), where one micro-batch's gradients are kept as computed, without a second copy. "
         "The last rows compare a LoRA run whose frozen base is held in fewer bits with the same run on an fp32 "
         "base: there the parameters shrink.",
     ]
@@ -550,10 +553,8 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
         "",
         *breakdown_section(frame),
         "",
-        *(["## Against the machine's compute floor", "", *floor_section(frame, machine)] if machine else []),
-        "",
-        *(["## Several processes (torchrun)", "", *ranks_section(frame)] if distributed else []),
-        "",
+        *(["## Against the machine's compute floor", "", *floor_section(frame, machine), ""] if machine else []),
+        *(["## Several processes (torchrun)", "", *ranks_section(frame), ""] if distributed else []),
         "![peak memory and time](peak_and_time.png)",
         "",
         "![memory breakdown](memory_breakdown.png)",
