@@ -383,9 +383,10 @@ def table2_section(frame: pd.DataFrame) -> list[str]:
         "label positions only, a chunk at a time, and keeps none: project/loss.py). Each is its largest value over "
         "the measured micro-batches. Gradient accumulation runs micro-batches of the same size, so it changes "
         "none of the parts: what it buys is a larger effective batch for about the memory of a batch of 1. Its "
-        "peak can still be higher: from the second micro-batch on, each gradient the backward pass computes is "
-        "added to the one already held, so for a moment both exist (the largest is the embedding's, vocabulary × "
-        "dimension), where one micro-batch's gradients are kept as computed, without a second copy. "
+        "peak can still be higher: from the second micro-batch on, the gradients summed so far are held through "
+        "the whole forward and backward pass, and each new gradient is computed beside the one it is added to "
+        "(the largest, the embedding's, is vocabulary × dimension), where a single micro-batch's gradients "
+        "appear one by one, each kept as computed, while its activations are freed. "
         "The last rows compare a LoRA run whose frozen base is held in fewer bits with the same run on an fp32 "
         "base: there the parameters shrink.",
     ]
