@@ -646,7 +646,7 @@ def test_phase3_shows_the_repeated_rows_beside_hf(results):
     heading = "### Table 3's configurations again"
     assert heading not in phase3_text(results)
     repeat = results["bench"].parent / phase3.REPEAT_DIR
-    more = dict(passes=4, micro_batches=8)
+    more = dict(passes=4, micro_batches=8, data="the first 2 usable records of alpaca.json")
     hf = dict(micro_s_mean=8.0, peak_bytes=9900 * MiB, peak_rss_bytes=9900 * MiB)
     write_bench(
         repeat, [bench_row("vanilla", **more), bench_row("vanilla", "hf", **more, **hf), bench_row("lora", **more)]
@@ -654,7 +654,7 @@ def test_phase3_shows_the_repeated_rows_beside_hf(results):
     text = phase3_text(results, warnings := [])
     assert warnings == []
     section = text[text.index(heading) :]
-    assert "4 passes over them (8 timed micro-batches a configuration)" in section
+    assert "alpaca.json, 4 passes over them (8 timed micro-batches a configuration)" in section
     t3 = table_after(section, heading, key=lambda c: c[0].split()[-1])
     assert sorted(k for k in t3 if k) == ["lora", "vanilla"]
     ratio = t3[""].index("Time ours/HF")

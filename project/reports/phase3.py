@@ -523,8 +523,8 @@ def repeat_section(folder: Path, warnings: list) -> list[str]:
     return [
         *heading,
         f"From `{md.shown_path(path)}` ({len(frame)} rows; {md.distinct(frame, 'device_name')}, commit "
-        f"{md.distinct(frame, 'commit')}; command `{md.distinct(frame, 'command')}`): the same examples and settings "
-        f"as above, {md.distinct(frame, 'passes')} passes over them ({micro} timed micro-batches a configuration), "
+        f"{md.distinct(frame, 'commit')}; command `{md.distinct(frame, 'command')}`): {md.distinct(frame, 'data')}, "
+        f"{md.distinct(frame, 'passes')} passes over them ({micro} timed micro-batches a configuration), "
         "each configuration followed at once by its transformers + peft twin. A ratio of two runs is only as good as "
         "the machine was steady between them, and more micro-batches make each mean firmer; the ± includes the "
         "examples' different lengths.",
