@@ -468,11 +468,17 @@ def tables(frame: pd.DataFrame) -> list[str]:
     ]
 
 
-def read_measurements(path: Path) -> tuple[pd.DataFrame, list[str]]:
-    """(measurements.csv, its Tables 3 and 2 with their readings); EmptyDataError when it has no rows."""
+def measurements(path: Path) -> pd.DataFrame:
+    """measurements.csv; EmptyDataError when it has no rows."""
     frame = report.read_measurements(path)
     if not len(frame):
         raise pd.errors.EmptyDataError("no rows")
+    return frame
+
+
+def read_measurements(path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """(measurements.csv, its Tables 3 and 2 with their readings); EmptyDataError when it has no rows."""
+    frame = measurements(path)
     return frame, tables(frame)
 
 
@@ -512,14 +518,11 @@ def repeat_section(folder: Path, warnings: list) -> list[str]:
     path = folder / MEASUREMENTS
     if not folder.exists():
         return []
-    read, failed = md.read_results(
-        path, report.read_measurements, "the repeated rows", "repeat", REPEAT_COMMAND, warnings
-    )
+    frame, failed = md.read_results(path, measurements, "the repeated rows", "repeat", REPEAT_COMMAND, warnings)
     heading = ["### Table 3's configurations again, over more passes", ""]
     if failed:
         return [*heading, failed[1], ""]
-    frame = read
-    micro = ", ".join(sorted({str(int(n)) for n in frame.get("micro_batches", pd.Series()).dropna()}))
+    micro = ", ".join(str(n) for n in sorted({int(n) for n in frame.get("micro_batches", pd.Series()).dropna()}))
     return [
         *heading,
         f"From `{md.shown_path(path)}` ({len(frame)} rows; {md.distinct(frame, 'device_name')}, commit "
