@@ -148,17 +148,33 @@ class KVCache(nn.Module):
         return self.k.nbytes + self.v.nbytes
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias whose single-row products, in a compiled decode step on CPU, are written as a multiply
+    and a sum along each weight row: inductor turns that into one loop that streams the weight, at up to twice the
+    rate of PyTorch's own CPU matrix-vector kernel (bf16 and fp32, weights of 2048 columns; README, "Decode
+    path"). Everywhere else (eager, several rows, other devices) it is F.linear."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+            # Summed in fp32 as the matmul kernels do, then rounded to x's dtype once.
+            return (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)
+        return F.linear(x, self.weight)
+
+
 class Attention(nn.Module):
     """Grouped-query attention: H query heads share K key/value heads (H // K queries per group)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.wqkv: Optional[nn.Linear] = None  # wq, wk, wv stacked into one matmul (fuse_projections, inference)
+        self.wq = Linear(args.dim, args.n_heads * self.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * self.head_dim)
+        self.wo = Linear(args.n_heads * self.head_dim, args.dim)
+        self.wqkv: Optional[Linear] = None  # wq, wk, wv stacked into one matmul (fuse_projections, inference)
         self.cache: Optional[KVCache] = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,10 +211,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w13: Optional[nn.Linear] = None  # w1 and w3 stacked into one matmul (fuse_projections, inference)
+        self.w1 = Linear(dim, hidden_dim)
+        self.w2 = Linear(hidden_dim, dim)
+        self.w3 = Linear(dim, hidden_dim)
+        self.w13: Optional[Linear] = None  # w1 and w3 stacked into one matmul (fuse_projections, inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
@@ -227,7 +243,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.tie_weights()
 
@@ -338,17 +354,17 @@ def fuse_projections(model: Transformer) -> Transformer:
         a, f = layer.attention, layer.feed_forward
         if a.wqkv is not None:
             continue
-        if not all(type(m) is nn.Linear for m in (a.wq, a.wk, a.wv, f.w1, f.w3)):
+        if not all(type(m) is Linear for m in (a.wq, a.wk, a.wv, f.w1, f.w3)):
             raise ValueError("fuse_projections needs plain nn.Linear projections (fuse before LoRA or quantization)")
         a.wqkv, f.w13 = _stacked(a.wq, a.wk, a.wv), _stacked(f.w1, f.w3)
         del a.wq, a.wk, a.wv, f.w1, f.w3
     return model
 
 
-def _stacked(*linears: nn.Linear) -> nn.Linear:
+def _stacked(*linears: Linear) -> Linear:
     """One bias-free Linear whose output is the linears' outputs side by side."""
     weight = torch.cat([m.weight.detach() for m in linears])
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused = Linear(weight.shape[1], weight.shape[0], device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
     return fused
 

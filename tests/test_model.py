@@ -10,7 +10,16 @@ from conftest import TINY_ROPE, randomize_, tiny_args, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama.checkpoint import interleaved_to_rotate_half, load_checkpoint, save_hf
-from llama.model import KVCache, ModelArgs, RMSNorm, RopeScaling, apply_rope, fuse_projections, rope_inv_freq
+from llama.model import (
+    KVCache,
+    Linear,
+    ModelArgs,
+    RMSNorm,
+    RopeScaling,
+    apply_rope,
+    fuse_projections,
+    rope_inv_freq,
+)
 from project.checkpointing import apply_checkpointing
 
 # (name, ModelArgs overrides): GQA + Llama 3 scaling; tied embeddings without scaling (plain MHA);
@@ -245,6 +254,35 @@ def test_fused_projections_give_the_unfused_outputs():
 
     with pytest.raises(ValueError, match="plain nn.Linear"):
         fuse_projections(apply_lora(tiny_model(), LoRAConfig()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_single_row_path_under_compile(dtype):
+    """Compiled, a single row becomes a multiply and a sum along the weight's rows (no matmul in the graph) and
+    several rows stay F.linear; both agree with an fp64 reference within the error bound of fp32 sums (each
+    term off by at most K fp32 roundings of the sum of |x w|) plus one rounding of the result to dtype."""
+    torch.manual_seed(0)
+    layer = Linear(320, 96).to(dtype)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes})
+        return gm.forward
+
+    run = torch.compile(layer, backend=capture, dynamic=False, fullgraph=True)
+    for rows in (1, 3):
+        x = torch.randn(1, rows, 320).to(dtype)
+        with torch.no_grad():
+            got = run(x).double()
+        ref = x.double() @ layer.weight.double().T
+        magnitude = x.double().abs() @ layer.weight.double().abs().T
+        bound = 320 * 2**-24 * magnitude + (2**-8 if dtype == torch.bfloat16 else 2**-24) * ref.abs()
+        assert ((got - ref).abs() <= bound + 1e-12).all()
+    single, several = graphs
+    assert "aten.mm.default" not in str(single) and not any("linear" in t for t in single)
+    assert any("sum" in t for t in single)
+    assert any("linear" in t for t in several)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), atol=0, rtol=0)  # eager
 
 
 def test_static_step_equals_the_cached_decode():
