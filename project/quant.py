@@ -25,9 +25,11 @@ Kernels (`kernel_for` chooses; `quantize` says which in its description):
   which stores the zero point as m + 8 s, i.e. w ~ s (q - 8) + z). Their fp32 paths are reference loops (over 10x
   slower than the fp32 model itself on an AVX-512 CPU, measured), so an fp32 model's activations enter them in bf16
   and leave in fp32 again ("bf16 activations" in the description). That suits decoding (a few rows: reading the
-  weights is the cost); for a layer fed more than PACKED_MAX_ROWS rows of fp32 activations (a prefill) the weight
-  is dequantized and the fp32 matmul runs instead, because there the cost is arithmetic, and on CPUs without
-  bf16 instructions bf16 arithmetic is emulated and slower than fp32.
+  weights is the cost); for a layer fed more than PACKED_MAX_ROWS rows (a prefill) the weight is dequantized
+  into the activations' dtype and the plain matmul runs instead, because there the cost is arithmetic: always
+  for fp32, and for bf16 where the CPU multiplies bf16 natively (AVX-512 BF16 / AMX; a 1B-shape bf16 prefill of
+  256 tokens on an AMD EPYC with AVX-512 BF16: 4.6 s with int8 through the packed kernel, 1.4 s unquantized).
+  Without native bf16 a bf16 model's prefill stays on the packed kernels, since there bf16 matmuls are emulated.
 - "tinygemm", int4 on CUDA GPUs of compute capability 8.0 or later: `aten._weight_int4pack_mm`, the tensor-core
   kernel gpt-fast uses (bf16 activations, the same [scale, zero] pairs), on weights packed once by
   `_convert_weight_to_int4pack`. Its tiled layout is opaque, so training (backward needs the dequantized weight
@@ -48,6 +50,7 @@ LoRA; the model code is unchanged and any checkpoint format can be quantized at 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -59,11 +62,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.errors import UserError
-from llama.runtime import DTYPE_NAMES
+from llama.runtime import DTYPE_NAMES, has_native_matmul
 
 MODES = ("none", "int8", "int4", "w8a8")
 OUTPUT_MODES = ("auto", *MODES)
-PACKED_MAX_ROWS = 32  # fp32 activations: above this many rows (a prefill), dequantize and use the fp32 matmul
+PACKED_MAX_ROWS = 32  # above this many rows (a prefill), dequantize and use the matmul of the activations' dtype
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -188,6 +191,15 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     return buf[:n].view(shape)
 
 
+def dequantize_rows(x: torch.Tensor) -> bool:
+    """x (M, K) for a packed CPU kernel: True where dequantizing the weight and running the matmul of x's dtype is
+    faster (more than PACKED_MAX_ROWS rows, and a dtype the CPU multiplies natively)."""
+    return x.shape[0] > PACKED_MAX_ROWS and native_matmul(x.device, x.dtype)
+
+
+native_matmul = functools.lru_cache(has_native_matmul)  # asked once per device and dtype, not once per layer call
+
+
 def dequantized(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """layer's weight (out, in) in dtype, dequantized into the scratch buffer: use it before the next layer does."""
     return layer.dequantize(dtype, out=scratch((layer.out_features, layer.in_features), dtype, device))
@@ -226,7 +238,7 @@ class Int8Linear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             return QuantizedMatmul.apply(x, self)
         x2 = x.reshape(-1, self.in_features)
-        if self.kernel == "dequantize" or (x.dtype == torch.float32 and x2.shape[0] > PACKED_MAX_ROWS):
+        if self.kernel == "dequantize" or dequantize_rows(x2):
             return F.linear(x, dequantized(self, x.dtype, x.device))
         y = torch._weight_int8pack_mm(x2.to(self.scales.dtype), self.q, self.scales)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -306,7 +318,7 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(
                 x2.to(torch.bfloat16).contiguous(), self.q, self.group_size, self.scales_zeros
             )
-        elif self.kernel == "dequantize" or (x.dtype == torch.float32 and x2.shape[0] > PACKED_MAX_ROWS):
+        elif self.kernel == "dequantize" or dequantize_rows(x2):
             return F.linear(x, dequantized(self, x.dtype, x.device))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(

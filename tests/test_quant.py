@@ -8,6 +8,7 @@ from torch import nn
 
 from llama.errors import UserError
 from llama.generation import Llama
+from llama.model import Linear
 from project.memory import weight_bytes
 from project.quant import (
     FBGEMM_WEIGHT_LEVELS,
@@ -156,6 +157,22 @@ def test_prefill_of_fp32_activations_uses_the_fp32_matmul(mode):
     torch.testing.assert_close(few, x[:4] @ weight.T, rtol=2e-2, atol=2e-2 * few.abs().max().item())
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_prefill_of_bf16_activations_dequantizes_only_where_bf16_is_native(monkeypatch, native):
+    """A bf16 prefill takes the bf16 matmul on the dequantized weight where the CPU multiplies bf16 natively, and
+    stays on the packed kernel where bf16 matmuls would be emulated; decoding rows always take the packed kernel."""
+    import project.quant as quant
+
+    monkeypatch.setattr(quant, "native_matmul", lambda device, dtype: native)
+    layer = Int8Linear(linear(n_out=128, n_in=64).to(torch.bfloat16), kernel_for(CPU, "int8"))
+    weight = (layer.q.float() * layer.scales.float()[:, None]).to(torch.bfloat16)
+    x = torch.randn(PACKED_MAX_ROWS + 1, 64, dtype=torch.bfloat16)
+    packed = torch._weight_int8pack_mm(x, layer.q, layer.scales)
+    want = F.linear(x, weight) if native else packed
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x[:4]), packed[:4], rtol=0, atol=0)
+
+
 @pytest.mark.skipif(kernel_for(CPU, "int4") != "packed", reason="no packed int4 kernel in this PyTorch")
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_packed_int4_kernel_matches_the_fallback(group_size):
@@ -277,7 +294,7 @@ def test_bad_settings_are_user_errors():
 @pytest.mark.parametrize(
     "mode,output,cls",
     [("int4", "auto", Int8Linear), ("int8", "auto", Int8Linear), ("w8a8", "auto", W8A8Linear),
-     ("int4", "int4", Int4Linear), ("int8", "int4", Int4Linear), ("int4", "none", nn.Linear)],
+     ("int4", "int4", Int4Linear), ("int8", "int4", Int4Linear), ("int4", "none", Linear)],
 )  # fmt: skip
 def test_the_output_projection_takes_its_own_format(mode, output, cls):
     """auto: int8 under int4 blocks (4 bits cost the output projection most), else the blocks' format."""
