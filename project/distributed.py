@@ -104,7 +104,11 @@ def rank_device(device: torch.device, ranks: Ranks) -> torch.device:
 
 
 def teardown(ranks: Ranks):
+    """Leave the process group together: the other ranks finish before rank 0 has saved and exported, and one of
+    them exiting meanwhile once aborted in gloo's teardown ("terminate called without an active exception"), which
+    made torchrun stop rank 0 mid-save."""
     if ranks.on and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
