@@ -151,8 +151,8 @@ class KVCache(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear without bias whose single-row products, in a compiled decode step on CPU, are written as a multiply
     and a sum along each weight row: inductor turns that into one loop that streams the weight, at up to twice the
-    rate of PyTorch's own CPU matrix-vector kernel (bf16 and fp32, weights of 2048 columns; README, "Decode
-    path"). Everywhere else (eager, several rows, other devices) it is F.linear."""
+    rate of PyTorch's own CPU matrix-vector kernel (bf16 and fp32, weights of 2048 columns; README, "One row, one
+    pass over each weight"). Everywhere else (eager, several rows, other devices) it is F.linear."""
 
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)

@@ -446,10 +446,10 @@ def decode_section(folder: Path, reports_dir: Path, command: str) -> str:
         machine = json.loads(limits.read_text())
         # The physical limit: memory's read rate, or a kernel's weight-read rate where a run measured one faster.
         rate = max([machine.get("memory_read_GB_per_s") or 0, *machine.get("weight_read_GB_per_s", {}).values()])
-        fp32 = ok[(ok["stack"] == "ours") & (ok.quantize == "none")]
-        if rate and len(fp32):
-            weights_gb = fp32.weights_mib.iloc[0] * 2**20 / 1e9
-            fastest = fp32.decode_tokens_per_s.max()
+        plain = ok[(ok["stack"] == "ours") & (ok.quantize == "none")]
+        if rate and len(plain):
+            weights_gb = plain.weights_mib.iloc[0] * 2**20 / 1e9
+            fastest = plain.decode_tokens_per_s.max()
             out += [
                 f"Against the hardware: the unquantized weights are {weights_gb:.2f} GB; read once per token at the "
                 f"fastest read rate `../shared/tools/machine_limits.py` measured here ({rate} GB/s, "
