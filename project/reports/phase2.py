@@ -38,6 +38,8 @@ DECODE_RUNS = {
     "--batch_sizes 1,16 --kv on --rounds 2 --limits --out reports/inference_decode_w8a8",
     "inference_decode_bf16": "python benchmark_inference.py --dtype bf16 --quantize none,int8,int4 --compile both "
     "--compare hf,llamacpp --batch_sizes 1,16 --kv on --rounds 2 --limits --out reports/inference_decode_bf16",
+    "inference_decode_fp32": "python benchmark_inference.py --dtype fp32 --quantize none --compile both "
+    "--compare hf,llamacpp --batch_sizes 1 --kv on --rounds 2 --limits --out reports/inference_decode_fp32",
     "inference_1b_decode_bf16": "python benchmark_inference.py --shape llama3.2-1b --dtype bf16 "
     "--quantize none,int8,int4 --compile both --compare hf,llamacpp --batch_sizes 1 --kv on --repeats 2 --limits "
     "--out reports/inference_1b_decode_bf16",
