@@ -446,8 +446,7 @@ def decode_section(folder: Path, reports_dir: Path, command: str) -> str:
     best = ok.loc[ok.decode_tokens_per_s.idxmax()] if len(ok) else None
     if limits.exists() and best is not None:
         machine = json.loads(limits.read_text())
-        # The physical limit: memory's read rate, or a kernel's weight-read rate where a run measured one faster.
-        rate = max([machine.get("memory_read_GB_per_s") or 0, *machine.get("weight_read_GB_per_s", {}).values()])
+        rate = report.read_rate(machine)  # the physical limit, as the benchmark's own limit table takes it
         plain = ok[(ok["stack"] == "ours") & (ok.quantize == "none")]
         if rate and len(plain):
             weights_gb = plain.weights_mib.iloc[0] * 2**20 / 1e9

@@ -245,6 +245,12 @@ def rounds_note(summary: pd.DataFrame) -> list[str]:
     ]
 
 
+def read_rate(machine: dict) -> float:
+    """The fastest read rate machine_limits.py measured (GB/s): memory's, or a kernel's reading weights where a
+    single measurement taken under CPU steal left memory's below it. 0 where it measured none."""
+    return max([machine.get("memory_read_GB_per_s") or 0, *machine.get("weight_read_GB_per_s", {}).values()])
+
+
 def limits_section(machine: dict, summary: pd.DataFrame, model: str) -> list[str]:
     """The machine's limits as measured by machine_limits.py and, on the Llama 3.2-1B shape, batch-1 decode
     with the cache as a share of the limit for its weight bytes (fp32 counts 4 bytes, bf16/fp16 2, int8 1, int4
@@ -256,17 +262,16 @@ def limits_section(machine: dict, summary: pd.DataFrame, model: str) -> list[str
         else:
             lines.append(f"| {key} | {value} |")
     bound = machine.get("llama3.2-1b_limits", {}).get("decode_tok_per_s_batch1_bf16")
-    # The tool derives that bound from its memory read rate; a single measurement taken under CPU steal can come
-    # out below the rate the same run measured for reading weights: scale the bound to the fastest rate seen.
-    rates = [machine.get("memory_read_GB_per_s") or 0, *machine.get("weight_read_GB_per_s", {}).values()]
+    # The tool derives that bound from its memory read rate: scale it to the fastest rate seen.
+    rate = read_rate(machine)
     if bound and machine.get("memory_read_GB_per_s"):
-        bound *= max(rates) / machine["memory_read_GB_per_s"]
+        bound *= rate / machine["memory_read_GB_per_s"]
     rows = summary[(summary["stack"] == "ours") & (summary.batch_size == 1) & (summary.kv_cache == "on")]
     rows = rows[rows.status == "ok"]
     if bound and model.startswith("llama3.2-1b") and len(rows):
         if machine.get("memory_read_GB_per_s"):
             lines += ["", f"Physical limit: the weights' bytes read once per token at the fastest read rate measured "
-                          f"above ({max(rates)} GB/s)."]  # fmt: skip
+                          f"above ({rate} GB/s)."]  # fmt: skip
         lines += [
             "",
             "| ours, batch 1, cache on | decode tokens/s | physical limit for these weights | share |",
@@ -274,7 +279,7 @@ def limits_section(machine: dict, summary: pd.DataFrame, model: str) -> list[str
         ]
         for r in rows.itertuples():
             if pd.notna(getattr(r, "read_mib", None)):  # the bytes this configuration's decode step reads
-                limit = max(rates) * 1e9 / (r.read_mib * 2**20)
+                limit = rate * 1e9 / (r.read_mib * 2**20)
             else:  # files from before read_mib: every weight in the blocks' format
                 per_weight = {"none": BYTES.get(r.dtype, 2), "int8": 1, "w8a8": 1}.get(r.quantize, 0.5)
                 limit = bound * 2 / per_weight
