@@ -23,6 +23,7 @@ from tiny_finetune import tiny_model as tiny_train_model
 
 from llama import runtime
 from llama.generation import Llama
+from llama.model import fuse_projections
 from project.bench import gpu_check
 from project.bench.finetune.report import table3_section
 from project.bench.harness import child_main
@@ -58,6 +59,20 @@ def test_cuda_fp32_greedy_with_and_without_cache_single_and_batched_equals_cpu()
     for cache in (True, False):
         assert [llama.generate([p], GEN, use_kv_cache=cache).tokens[0] for p in PROMPTS] == reference, cache
         assert llama.generate(PROMPTS, GEN, use_kv_cache=cache).tokens == reference, cache
+
+
+@gpu
+def test_cuda_compiled_decode_equals_cpu():
+    """CUDA, fp32: the decode step compiled by torch.compile (inductor's GPU kernels, fused projections, the static
+    cache) gives the CPU's plain greedy tokens, single prompts and a left-padded batch."""
+    import torch._dynamo
+
+    cpu = Llama(tiny_model(seed=5), ToyTokenizer(), torch.device("cpu"))
+    reference = [cpu.generate([p], GEN).tokens[0] for p in PROMPTS]
+    torch._dynamo.reset()
+    compiled = Llama(fuse_projections(tiny_model(seed=5)).to(CUDA), ToyTokenizer(), CUDA, compile=True)
+    assert [compiled.generate([p], GEN).tokens[0] for p in PROMPTS] == reference
+    assert compiled.generate(PROMPTS, GEN).tokens == reference
 
 
 # ---- training steps ------------------------------------------------------------------------------------------
@@ -198,9 +213,10 @@ def test_cuda_int4_tinygemm_matches_the_dequantized_fallback(n_out, n_in, group_
 
 
 @gpu
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
 def test_cuda_quantized_model_generates_the_same_with_and_without_cache(mode):
-    """CUDA, fp32 model: a quantized tiny model (int4 through tinygemm on sm80+, its activations in bf16) says which
+    """CUDA, fp32 model: a quantized tiny model (int4 through tinygemm on sm80+, its activations in bf16; w8a8's levels
+    multiplied in floating point) says which
     kernel it uses, and its greedy tokens are the same with the KV cache on and off, one prompt at a time and
     batched."""
     model = tiny_model(seed=5).to(CUDA)
@@ -276,12 +292,12 @@ def test_table3_on_cuda_shows_allocated_and_reserved_peaks():
 
 # ---- make gpu-check, on CPU ----------------------------------------------------------------------------------
 def test_gpu_check_plan_leaves_out_what_is_missing_and_says_why():
-    """CPU: on a GPU without bf16, without transformers and without the records, gpu-check runs the tests and
-    Table 1 in fp16 without --compare hf, and lists bf16, --compare hf and Table 3 as skipped, with why."""
+    """CPU: on a GPU without bf16, without transformers and without the records, gpu-check runs the tests, the
+    quantized decode and Table 1 in fp16 without --compare hf, and lists bf16, --compare hf and Table 3 as skipped, with why."""
     missing = {"transformers": "transformers is not installed", "data": "no records"}
     steps, skipped = gpu_check.plan(bf16=False, missing=missing)
-    assert [s.name for s in steps] == ["cuda_tests", "table1_fp16", "quant_decode"]
-    assert "--compare" not in steps[1].cmd and steps[1].cmd[steps[1].cmd.index("--dtype") + 1] == "fp16"
+    assert [s.name for s in steps] == ["cuda_tests", "quant_decode", "table1_fp16"]
+    assert all("--compare" not in s.cmd and s.cmd[s.cmd.index("--dtype") + 1] == "fp16" for s in steps[1:])
     assert skipped == [
         "--compare hf: transformers is not installed",
         "Table 1 in bf16: this GPU has no bf16 arithmetic (compute capability below 8.0)",
@@ -295,9 +311,9 @@ def test_gpu_check_dry_run_flags_exist_in_the_benchmark_scripts():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [line.split()[0] for line in proc.stdout.splitlines()] == [
         "cuda_tests",
-        "table1_bf16",
-        "table3",
         "quant_decode",
+        "table3",
+        "table1_bf16",
         "table1_fp16",
     ]
     assert "--configs vanilla,ckpt,amp,lora,ckpt+amp,ckpt+lora,amp+lora,ckpt+amp+lora --examples 2" in proc.stdout

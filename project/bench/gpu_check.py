@@ -86,7 +86,7 @@ def plan(bf16: bool, missing: dict[str, str]) -> tuple[list[Step], list[str]]:
     tests = Step("cuda_tests", [py, "-m", "pytest", "-q", "-rs", "-m", "cuda", "tests/test_cuda.py"], 150, ("pytest",))
     # The caps add up to more than the budget: time a step leaves unused goes to the ones after it, and the
     # last (Table 1 in the second dtype) runs on what is left, if at least MIN_STEP_S.
-    steps = [tests, table1(dtypes[0], 210), table3, quant, *[table1(d, 180) for d in dtypes[1:]]]
+    steps = [tests, quant, table3, table1(dtypes[0], 210), *[table1(d, 180) for d in dtypes[1:]]]
     kept = []
     for step in steps:
         lacking = [missing[n] for n in step.needs if n in missing]
