@@ -198,11 +198,12 @@ class Attention(nn.Module):
             # One new token may attend to every cached key (mask, if any, hides padding). Folding each
             # group's H // K query heads into the query length makes this plain K-head attention, which on
             # CPU runs several times faster than SDPA's grouped-query path (in bf16 especially).
+            # (SDPA's CUDA kernels return the output (B, K, H // K, hd) in another memory order: reshape, not view.)
             q = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, 1, self.head_dim)
-        else:
-            # Without a mask the queries start at position 0: plain causal.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.wo(out.reshape(B, 1, -1))
+        # Without a mask the queries start at position 0: plain causal.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

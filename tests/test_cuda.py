@@ -9,6 +9,7 @@ out by hand, the allocator's own counters, an allocation larger than the GPU.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -143,6 +144,7 @@ def test_cuda_peak_figures_are_max_memory_allocated_around_a_known_allocation():
     to exactly what was allocated before + 64 MiB, which is torch.cuda.max_memory_allocated; PeakMemory (the
     fine-tuning benchmark's meter) resets at entry, so a later block with 16 MiB sees 16 MiB."""
     held = torch.ones(MiB, device=CUDA)  # 4 MiB allocated before: the peak counts from them
+    gc.collect()  # earlier tests' garbage, which measure's own gc.collect would free inside the measurement
     before = torch.cuda.memory_allocated(CUDA)
     assert memory_in_use(CUDA) == before
 

@@ -232,6 +232,27 @@ def test_cached_chunks_equal_one_full_forward():
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_takes_sdpa_output_in_any_memory_order(monkeypatch):
+    """SDPA's CUDA kernels return (B, H, T, hd) laid out as (B, T, H, hd); the decode path (one token, the GQA
+    groups folded into the query length) must read it by shape, not by a view that assumes contiguity. The same
+    prefill and token-by-token decode, with SDPA's output re-laid out that way, give the contiguous run's logits."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def run():
+        model, x = tiny_model(seed=3), tokens(seq=12)
+        with torch.no_grad():
+            model.setup_cache(2, 12)
+            return torch.cat([model(x[:, :8], 0)] + [model(x[:, i : i + 1], i) for i in range(8, 12)], dim=1)
+
+    want = run()
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda *a, **kw: sdpa(*a, **kw).transpose(1, 2).contiguous().transpose(1, 2),
+    )
+    torch.testing.assert_close(run(), want, atol=0, rtol=0)
+
+
 def test_fused_projections_give_the_unfused_outputs():
     """wqkv / w13 hold the separate weights stacked: the same logits, prefill and cached decode, and 4 matmuls
     per block instead of 7. A LoRA-wrapped projection is refused (fusing would drop its adapter)."""
