@@ -186,7 +186,10 @@ class Llama:
             prefilled = _clock(self.device)
             while not finished and cur < total:
                 if static:
-                    logits = self.step(last.copy_(tokens[:, cur - 1 : cur]), pos.fill_(cur - 1), pad_lens)
+                    # After this call's first step (guards checked, compiled if new) every step passes the same
+                    # tensors: torch.compile's guards need not be evaluated again (~0.8 ms a step, SmolLM2, CPU).
+                    with torch.compiler.set_stance(skip_guard_eval_unsafe=cur > prompt_len + 1):
+                        logits = self.step(last.copy_(tokens[:, cur - 1 : cur]), pos.fill_(cur - 1), pad_lens)
                 else:
                     logits = decode_one_token(model, tokens, cur, pad_lens, use_kv_cache)
                 finished = append(logits)

@@ -148,6 +148,15 @@ class KVCache(nn.Module):
         return self.k.nbytes + self.v.nbytes
 
 
+# x -> a copy of x, as an operator inductor cannot look into: what goes in is computed once, into memory. Without it a
+# compiled single-row product would recompute its input (an RMSNorm, a SiLU gate) inside the loop over weight rows,
+# once per output.
+_OPS = torch.library.Library("efficient_llama", "FRAGMENT")
+_OPS.define("materialize(Tensor x) -> Tensor")
+_OPS.impl("materialize", lambda x: x.clone(), "CPU")
+torch.library.register_fake("efficient_llama::materialize")(lambda x: torch.empty_like(x))
+
+
 class Linear(nn.Linear):
     """nn.Linear without bias whose single-row products, in a compiled decode step on CPU, are written as a multiply
     and a sum along each weight row: inductor turns that into one loop that streams the weight, at up to twice the
@@ -160,8 +169,23 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
             # Summed in fp32 as the matmul kernels do, then rounded to x's dtype once.
-            return (x.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)
+            x_row = torch.ops.efficient_llama.materialize(x)
+            return (x_row.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)
         return F.linear(x, self.weight)
+
+
+def attend_by_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Softmax attention written as sums: q (B, K, G, d), k and v (B, K, S, d), mask None or bool broadcastable to
+    (B, K, G, S) -> (B, K, G, d) in q's dtype, in fp32 throughout as SDPA's CPU kernels are.
+
+    For a compiled CPU decode step: inductor fuses these into the layer's own loops, where SDPA is a separate
+    kernel call costing ~90 us per layer whatever the work (SmolLM2, bf16, 2 threads; README, "One row, one pass
+    over each weight")."""
+    scores = (q.unsqueeze(-2).float() * k.unsqueeze(-3).float()).sum(-1) * q.shape[-1] ** -0.5  # (B, K, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = scores.softmax(dim=-1)
+    return (p.unsqueeze(-1) * v.unsqueeze(-3).float()).sum(-2).to(q.dtype)
 
 
 class Attention(nn.Module):
@@ -200,7 +224,10 @@ class Attention(nn.Module):
             # CPU runs several times faster than SDPA's grouped-query path (in bf16 especially).
             # (SDPA's CUDA kernels return the output (B, K, H // K, hd) in another memory order: reshape, not view.)
             q = q.reshape(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if torch.compiler.is_compiling() and x.device.type == "cpu":
+                out = attend_by_sums(q, k, v, mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return self.wo(out.reshape(B, 1, -1))
         # Without a mask the queries start at position 0: plain causal.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)

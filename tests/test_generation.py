@@ -55,7 +55,7 @@ def test_greedy_cache_on_off_and_batch_rows_identical(tiny_llama):
 def test_compiled_decode_token_identical_to_the_plain_path(tiny_llama):
     """Llama(compile=True) decodes with torch.compile(Transformer.step): the same greedy tokens as the plain path,
     for single prompts and a left-padded batch, and one compiled graph serves calls of other lengths (the cache is
-    rounded up to CACHE_BLOCK)."""
+    rounded up to CACHE_BLOCK); calls alternating between batch sizes and padding each get their own graph."""
     import torch._dynamo
 
     singles = [greedy(tiny_llama, [p], True)[0] for p in PROMPTS]
@@ -65,6 +65,9 @@ def test_compiled_decode_token_identical_to_the_plain_path(tiny_llama):
         assert greedy(compiled, PROMPTS, True) == singles
         assert greedy(compiled, PROMPTS, True, n=7) == [s[:7] for s in singles]  # same shapes: no recompilation
     assert greedy(compiled, PROMPTS, False) == singles  # without the cache: the plain path
+    # Steps after a call's first skip torch.compile's guards: each call must still find its own batch's graph.
+    for prompts in ([PROMPTS[1]], PROMPTS, [PROMPTS[0]], PROMPTS[:2]):
+        assert greedy(compiled, prompts, True) == [singles[PROMPTS.index(p)] for p in prompts]
 
 
 def test_compiled_decode_with_w8a8_layers_matches_eager():

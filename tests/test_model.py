@@ -17,6 +17,7 @@ from llama.model import (
     RMSNorm,
     RopeScaling,
     apply_rope,
+    attend_by_sums,
     fuse_projections,
     rope_inv_freq,
 )
@@ -301,9 +302,34 @@ def test_linear_single_row_path_under_compile(dtype):
         assert ((got - ref).abs() <= bound + 1e-12).all()
     single, several = graphs
     assert "aten.mm.default" not in str(single) and not any("linear" in t for t in single)
-    assert any("sum" in t for t in single)
+    assert any("sum" in t for t in single) and "efficient_llama.materialize" in single
+    assert torch.equal(torch.ops.efficient_llama.materialize(x), x)
     assert any("linear" in t for t in several)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), atol=0, rtol=0)  # eager
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_by_sums_is_masked_softmax_attention(dtype):
+    """attend_by_sums (the compiled CPU decode step's attention) against softmax(q k^T / sqrt(d)) v worked in fp64,
+    with each row's masked keys left out of the softmax by hand; equal to SDPA too. bf16: the inputs are the same
+    bf16 values, the result rounded once to bf16 (relative 2^-8) beyond fp32's rounding."""
+    torch.manual_seed(0)
+    B, K, G, S, d = 2, 3, 2, 10, 16
+    q, k, v = torch.randn(B, K, G, d).to(dtype), torch.randn(B, K, S, d).to(dtype), torch.randn(B, K, S, d).to(dtype)
+    mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    mask[0, ..., 7:] = False  # keys after the position
+    mask[1, ..., :3] = False  # left padding
+    ref = torch.zeros(B, K, G, d, dtype=torch.float64)
+    for b in range(B):
+        keep = mask[b, 0, 0]
+        scores = q[b].double() @ k[b][:, keep].double().transpose(-1, -2) / math.sqrt(d)  # (K, G, kept)
+        ref[b] = scores.softmax(-1) @ v[b][:, keep].double()
+    got = attend_by_sums(q, k, v, mask)
+    assert got.dtype == dtype and got.shape == (B, K, G, d)
+    tol = 2**-8 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    torch.testing.assert_close(got.float(), sdpa, atol=tol, rtol=tol)
 
 
 def test_static_step_equals_the_cached_decode():
