@@ -85,6 +85,16 @@ def check_compile_mode(mode: str):
         raise UserError(f"--compile_mode must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
 
 
+def compile_step(step, device: torch.device, mode: str):
+    """torch.compile(step) with static shapes in the given mode. On CPU its wrapper is C++ (inductor's cpp_wrapper),
+    which calls the step's few hundred kernels without Python in between: ~10 % less time a step on the default
+    model at batch 1 (bf16, 2 threads; README), for about twice the first compilation."""
+    if device.type != "cpu":
+        return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+    options = {**torch._inductor.list_mode_options(mode), "cpp_wrapper": True}
+    return torch.compile(step, fullgraph=True, dynamic=False, options=options)
+
+
 class Llama:
     """A model and its tokenizer, ready to generate.
 
@@ -99,7 +109,7 @@ class Llama:
     ):
         check_compile_mode(compile_mode)
         self.model, self.tokenizer, self.device = model, tokenizer, device
-        self.step = torch.compile(model.step, fullgraph=True, dynamic=False, mode=compile_mode) if compile else None
+        self.step = compile_step(model.step, device, compile_mode) if compile else None
 
     @staticmethod
     def build(

@@ -88,12 +88,17 @@ def test_compiled_decode_with_w8a8_layers_matches_eager():
 
 
 def test_compile_mode_reaches_torch_compile_and_a_wrong_one_stops_before_loading(monkeypatch):
-    """--compile_mode is torch.compile's mode for the decode step; an unknown one is one UserError naming the choices,
-    raised before any weights are read (the checkpoint folder here does not exist)."""
+    """--compile_mode is torch.compile's mode for the decode step (on CPU as the mode's inductor options, with the
+    C++ wrapper); an unknown one is one UserError naming the choices, raised before any weights are read (the
+    checkpoint folder here does not exist)."""
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
     Llama(tiny_model(), ToyTokenizer(), torch.device("cpu"), compile=True, compile_mode="max-autotune-no-cudagraphs")
-    assert seen == dict(fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
+    options = dict(max_autotune=True, coordinate_descent_tuning=True, cpp_wrapper=True)
+    assert seen == dict(fullgraph=True, dynamic=False, options=options)
+    seen.clear()
+    Llama(tiny_model(), ToyTokenizer(), torch.device("meta"), compile=True, compile_mode="max-autotune-no-cudagraphs")
+    assert seen == dict(fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")  # other devices: the mode
     with pytest.raises(UserError, match="--compile_mode must be one of default, max-autotune-no-cudagraphs"):
         Llama.build(ModelSource("/nonexistent/checkpoint"), compile=True, compile_mode="fastest")
 
