@@ -101,6 +101,34 @@ def test_packed_int8_kernel_matches_the_fallback(dtype):
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
+@pytest.mark.skipif(kernel_for(CPU, "int8") != "packed", reason="no packed int8 kernel in this PyTorch")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_int8_single_row_under_compile_is_a_fused_sum(dtype):
+    """Compiled, one row through a packed int8 layer is a multiply and a sum along the levels' rows times the
+    scales (no packed kernel in the graph); three rows keep the kernel. The row agrees with x (q s)^T in fp64 within
+    the error bound of fp32 sums (K fp32 roundings of the sum of |x q s|) plus one rounding to dtype."""
+    torch.manual_seed(0)
+    layer = Int8Linear(linear(n_in=320, n_out=96).to(dtype), "packed")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes})
+        return gm.forward
+
+    run = torch.compile(layer, backend=capture, dynamic=False, fullgraph=True)
+    w = layer.q.double() * layer.scales.double()[:, None]
+    x = torch.randn(1, 1, 320).to(dtype)
+    with torch.no_grad():
+        got = run(x).double()
+        run(torch.randn(1, 3, 320).to(dtype))
+    ref = x.double() @ w.T
+    bound = 320 * 2**-24 * (x.double().abs() @ w.abs().T) + (2**-8 if dtype == torch.bfloat16 else 2**-24) * ref.abs()
+    assert got.dtype == torch.float64 and ((got - ref).abs() <= bound + 1e-12).all()
+    single, several = graphs
+    assert not any("int8pack" in t for t in single) and "efficient_llama.materialize" in single
+    assert any("int8pack" in t for t in several)
+
+
 def test_int4_packed_layout_unpacks_to_the_levels():
     """The packed CPU layout, read back by unpack_int4, gives every level where it was (checked on known values)."""
     if kernel_for(CPU, "int4") != "packed":
