@@ -157,6 +157,14 @@ _OPS.impl("materialize", lambda x: x.clone(), "CPU")
 torch.library.register_fake("efficient_llama::materialize")(lambda x: torch.empty_like(x))
 
 
+def row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) holding a single row, weight (N, K) -> (..., N) fp32: the row times each weight row, summed in fp32
+    (as the matmul kernels do), written so that inductor makes it one loop that streams the weight once. The row is
+    materialized first, so that loop does not recompute it per weight row."""
+    x_row = torch.ops.efficient_llama.materialize(x)
+    return (x_row.unsqueeze(-2).float() * weight.float()).sum(-1)
+
+
 class Linear(nn.Linear):
     """nn.Linear without bias whose single-row products, in a compiled decode step on CPU, are written as a multiply
     and a sum along each weight row: inductor turns that into one loop that streams the weight, at up to twice the
@@ -168,9 +176,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
-            # Summed in fp32 as the matmul kernels do, then rounded to x's dtype once.
-            x_row = torch.ops.efficient_llama.materialize(x)
-            return (x_row.unsqueeze(-2).float() * self.weight.float()).sum(-1).to(x.dtype)
+            return row_product(x, self.weight).to(x.dtype)  # rounded to x's dtype once
         return F.linear(x, self.weight)
 
 
