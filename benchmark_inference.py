@@ -191,6 +191,8 @@ def main(
         if not any(res["status"] == "ok" for _, res in done):
             first = done[0][1]
             raise UserError(f"no configuration ran; the first was {first['status']}: {first.get('message', '?')}")
+        # What our fp32 matmuls went through, as each configuration's process found it (llama/matmul.py).
+        meta["cpu_fp32_matmul"] = "; ".join(sorted({res.get("cpu_fp32_matmul") or "" for _, res in done} - {""}))
         atomic_write(run_dir / "meta.json", json.dumps(meta, indent=2))
         print(write_report(run_dir))
 

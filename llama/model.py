@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .matmul import linear
+
 
 @dataclass
 class RopeScaling:
@@ -169,7 +171,8 @@ class Linear(nn.Linear):
     """nn.Linear without bias whose single-row products, in a compiled decode step on CPU, are written as a multiply
     and a sum along each weight row: inductor turns that into one loop that streams the weight, at up to twice the
     rate of PyTorch's own CPU matrix-vector kernel (bf16 and fp32, weights of 2048 columns; README, "One row, one
-    pass over each weight"). Everywhere else (eager, several rows, other devices) it is F.linear."""
+    pass over each weight"). Everywhere else it is llama.matmul.linear: F.linear, with fp32 on CPU through the faster
+    of PyTorch's two CPU GEMM libraries."""
 
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
@@ -177,7 +180,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
             return row_product(x, self.weight).to(x.dtype)  # rounded to x's dtype once
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 def attend_by_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llama.errors import UserError
+from llama.matmul import cpu_fp32_kernel, set_cpu_fp32_kernel
 from project.frozen_base import QUANTIZED
 
 MODES = ("ddp", "fsdp")
@@ -85,6 +86,10 @@ def setup(mode: str | None, device: torch.device) -> Ranks:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":  # every rank sums its fp32 products in one order: rank 0's kernel (llama/matmul.py)
+        kernel = [cpu_fp32_kernel() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(kernel, src=0)
+        set_cpu_fp32_kernel(kernel[0])
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, mode or "ddp")
 
 

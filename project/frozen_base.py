@@ -26,10 +26,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llama.errors import UserError
+from llama.matmul import linear
 from llama.runtime import DTYPES
 from project.allocator import release_free_memory
 from project.model.lora import LoRAConfig, apply_lora
@@ -102,8 +102,8 @@ class StoredLinear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             return QuantizedMatmul.apply(x, self)
         if x.dtype == self.weight.dtype:
-            return F.linear(x, self.weight)
-        return F.linear(x, dequantized(self, x.dtype, x.device))
+            return linear(x, self.weight)
+        return linear(x, dequantized(self, x.dtype, x.device))
 
 
 def store_linears(model: nn.Module, dtype: torch.dtype) -> int:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from llama.matmul import linear
+
 CHUNK_BYTES = 128 * 2**20  # fp32 logits of one chunk: 261 rows for a 128,256-token vocabulary
 
 
@@ -35,7 +37,7 @@ def _wide(z: torch.Tensor) -> torch.Tensor:
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
     """(summed loss, logits z (n, V) fp32, their log-sum-exp (n,)) for one chunk: h (n, D), weight (V, D)."""
-    z = _wide(h @ weight.T)
+    z = _wide(linear(h, weight))
     lse = z.logsumexp(dim=-1)
     return (lse - z[torch.arange(len(targets), device=h.device), targets]).sum(), z, lse
 
@@ -65,7 +67,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, len(targets), rows):
             loss, g = _chunk_grad(h[s : s + rows], weight, targets[s : s + rows])
             total += loss
-            grad_h[s : s + rows] = g.to(h.dtype) @ weight
+            grad_h[s : s + rows] = linear(g.to(h.dtype), weight.t())
         ctx.save_for_backward(grad_h)
         return total
 
@@ -80,7 +82,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, len(targets), ctx.rows):
                 _, g = _chunk_grad(h[s : s + ctx.rows], weight, targets[s : s + ctx.rows])
                 g = (g * grad_out).to(h.dtype)
-                grad_h[s : s + ctx.rows] = g @ weight
+                grad_h[s : s + ctx.rows] = linear(g, weight.t())
                 grad_w.addmm_(g.T, h[s : s + ctx.rows])
         return grad_h, grad_w, None, None
 

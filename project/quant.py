@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.errors import UserError
+from llama.matmul import linear
 from llama.model import row_product
 from llama.runtime import DTYPE_NAMES, has_native_matmul
 
@@ -169,7 +170,7 @@ class QuantizedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        return grad_y @ dequantized(ctx.layer, grad_y.dtype, grad_y.device), None
+        return linear(grad_y, dequantized(ctx.layer, grad_y.dtype, grad_y.device).t()), None
 
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -244,7 +245,7 @@ class Int8Linear(nn.Module):
             # ~16 -> ~11 ms against the packed kernel; README).
             return (row_product(x, self.q) * self.scales.float()).to(x.dtype)
         if self.kernel == "dequantize" or dequantize_rows(x2):
-            return F.linear(x, dequantized(self, x.dtype, x.device))
+            return linear(x, dequantized(self, x.dtype, x.device))
         y = torch._weight_int8pack_mm(x2.to(self.scales.dtype), self.q, self.scales)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -324,7 +325,7 @@ class Int4Linear(nn.Module):
                 x2.to(torch.bfloat16).contiguous(), self.q, self.group_size, self.scales_zeros
             )
         elif self.kernel == "dequantize" or dequantize_rows(x2):
-            return F.linear(x, dequantized(self, x.dtype, x.device))
+            return linear(x, dequantized(self, x.dtype, x.device))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(self.scales_zeros.dtype), self.q, self.group_size, self.scales_zeros

@@ -236,7 +236,9 @@ def test_gguf_tensor_types_match_transformers(tmp_path, tied):
     with torch.no_grad():
         expected = hf(X).logits
         assert expected.abs().max() > 1
-        assert (ours(X) - expected).abs().max().item() <= 1e-4
+        # fp32 both ways, summed in other orders (ours may multiply through oneDNN: llama/matmul.py): within 1e-4
+        # of the logits' scale, where a misplaced or misdecoded tensor moves them by O(1)
+        assert (ours(X) - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
 
 
 def test_read_gguf_matches_gguf_reader(tmp_path):

@@ -10,6 +10,7 @@ from conftest import TINY_ROPE, randomize_, tiny_args, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama.checkpoint import interleaved_to_rotate_half, load_checkpoint, save_hf
+from llama.matmul import linear
 from llama.model import (
     KVCache,
     Linear,
@@ -305,7 +306,7 @@ def test_linear_single_row_path_under_compile(dtype):
     assert any("sum" in t for t in single) and "efficient_llama.materialize" in single
     assert torch.equal(torch.ops.efficient_llama.materialize(x), x)
     assert any("linear" in t for t in several)
-    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), atol=0, rtol=0)  # eager
+    torch.testing.assert_close(layer(x), linear(x, layer.weight), atol=0, rtol=0)  # eager: llama.matmul's
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -33,7 +33,8 @@ import torch
 
 from llama.checkpoint import REPO_ROOT, atomic_write
 from llama.errors import UserError
-from llama.runtime import has_native_matmul, log
+from llama.matmul import cpu_fp32_kernel
+from llama.runtime import cpu_name, has_native_matmul, log
 
 
 def run_child(
@@ -125,7 +126,8 @@ def cpu_steal(before: Optional[list[int]], after: Optional[list[int]]) -> Option
 
 
 def environment(device: torch.device) -> dict:
-    """The facts every result records: device name, threads, versions, native low-precision matmuls."""
+    """The facts every result records: device name, threads, versions, native low-precision matmuls, and the
+    library fp32 matmuls go through on a CPU (llama/matmul.py)."""
     import numpy
 
     return {
@@ -136,6 +138,7 @@ def environment(device: torch.device) -> dict:
         "numpy": numpy.__version__,
         "bf16_native": has_native_matmul(device, torch.bfloat16),
         "fp16_native": has_native_matmul(device, torch.float16),
+        "cpu_fp32_matmul": cpu_fp32_kernel() if device.type == "cpu" else "",
     }
 
 
@@ -146,17 +149,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "mps":
         return f"Apple {platform.machine()} (MPS)"
     return f"{cpu_name()}, {torch.backends.cpu.get_cpu_capability()}"
-
-
-@lru_cache(maxsize=1)
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @lru_cache(maxsize=1)

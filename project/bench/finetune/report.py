@@ -502,7 +502,9 @@ def write_report(csv_path: Path, out_dir: Path) -> Path:
     ok = frame[frame.status == "ok"]
     distributed = "ranks" in frame and (frame.ranks > 1).any()
     threads = _unique(ok[ok.ranks == 1] if distributed else ok, "threads")
-    device = f"{_unique(frame, 'device')} ({_unique(ok, 'device_name')}, {threads} threads)"
+    kernel = _unique(ok, "cpu_fp32_matmul")  # n/a in measurements made before llama/matmul.py
+    fp32 = f"; fp32 matmuls through {kernel} (llama/matmul.py)" if kernel not in ("n/a", "") else ""
+    device = f"{_unique(frame, 'device')} ({_unique(ok, 'device_name')}, {threads} threads{fp32})"
     versions = f"python {_unique(ok, 'python')}, torch {_unique(ok, 'torch')}, numpy {_unique(ok, 'numpy')}"
     if (frame["stack"] == "hf").any():
         versions += f", transformers {_unique(ok, 'transformers')}, peft {_unique(ok, 'peft')}"

@@ -356,7 +356,8 @@ def report(
         "",
         f"Produced by `{meta['command']}` on {meta['date']} (commit {meta['commit']}).",
         "",
-        f"- device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads; dtype {meta['dtype']}",
+        f"- device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads; dtype {meta['dtype']}"
+        + (f"; fp32 matmuls through {meta['cpu_fp32_matmul']}" if meta.get("cpu_fp32_matmul") else ""),
         f"- torch {meta['torch_version']}"
         + (f", transformers {meta['transformers_version']}" if meta.get("transformers_version") else "")
         + (f", llama-cpp-python {meta['llama_cpp_version']}" if meta.get("llama_cpp_version") else ""),
