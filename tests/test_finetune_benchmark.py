@@ -247,6 +247,10 @@ def test_compute_floor_by_hand():
     assert "| lora | fp32 | 0.234 | 0.1 | 2.34 | 3.00 | 78% |" in lines
     assert "| ckpt | fp32 | 0.467 | 0.1 | 4.67 | 3.00 | 156% |" in lines
     assert "(a compute floor needs" in floor_section(frame.assign(model="my checkpoint"), {"matmul_TFLOP_per_s": {}})[0]
+    # The tool's fp32 rate is the default BLAS's: said where ours multiplied through oneDNN instead.
+    limits = {"matmul_TFLOP_per_s": {"fp32": 0.1, "bf16": 0.05}}
+    assert not any("through oneDNN" in line for line in lines)
+    assert any("through oneDNN" in line for line in floor_section(frame.assign(cpu_fp32_matmul="onednn"), limits))
 
 
 def test_nproc_runs_fsdp_ranks(tmp_path):
