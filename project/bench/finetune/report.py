@@ -497,9 +497,9 @@ def floor_section(frame: pd.DataFrame, machine: dict) -> list[str]:
         + (
             [
                 "",
-                "The tool times `F.linear`, i.e. PyTorch's default kernel for each dtype; this run's fp32 products went "
-                "through oneDNN instead (llama/matmul.py), which on this CPU is faster than the default BLAS at these "
-                "shapes, so an fp32 share can exceed what the tool's rate suggests is possible.",
+                "The tool times `F.linear`, i.e. PyTorch's default kernel for each dtype; this run's fp32 products "
+                "went through oneDNN instead (llama/matmul.py), which on this CPU is faster than the default BLAS at "
+                "these shapes, so an fp32 share can exceed what the tool's rate suggests is possible.",
             ]
             if _unique(frame[frame["stack"] == "ours"], "cpu_fp32_matmul") == "onednn"
             else []
