@@ -302,17 +302,20 @@ class Int4Linear(nn.Module):
         if self.kernel == "tinygemm":  # no unpacking of the tiled layout: the kernel itself, on the identity
             eye = torch.eye(K, dtype=torch.bfloat16, device=self.q.device)
             return w.copy_(torch.ops.aten._weight_int4pack_mm(eye, self.q, G, self.scales_zeros).T)
-        if self.kernel == "packed":  # unpack_int4's layout, each nibble converted straight into its place in w
+        if self.kernel == "packed":  # unpack_int4's layout
+            # The bytes are transposed first, at half a byte per weight, so that every pass over w is contiguous
+            # (converting each nibble straight from the transposed view took 1.7x as long in bf16, measured).
             b = self.q.reshape(N // 64, K, 32).transpose(1, 2)  # (blocks, byte j, column)
+            b = scratch(b.shape, torch.uint8, b.device).copy_(b)
             halves = w.view(N // 64, 2, 32, K)  # (blocks, low / high nibble, row j within the half, column)
-            halves[:, 0].copy_(b & 15)
             halves[:, 1].copy_(b >> 4)
+            halves[:, 0].copy_(b.bitwise_and_(15))
         else:  # pack_pairs' layout
             pairs = w.view(N, K // 2, 2)
             pairs[..., 0].copy_(self.q >> 4)
             pairs[..., 1].copy_(self.q & 15)
         sz = self.scales_zeros.to(dtype).transpose(0, 1)  # (N, K/G, 2)
-        scale, offset = sz[..., :1], sz[..., 1:] - 8 * sz[..., :1]
+        scale, offset = sz[..., :1].contiguous(), sz[..., 1:] - 8 * sz[..., :1]
         return w.view(N, K // G, G).mul_(scale).add_(offset).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

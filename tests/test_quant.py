@@ -210,6 +210,19 @@ def test_packed_int4_kernel_matches_the_fallback(group_size):
     torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_int4_dequantizes_as_the_plain_layout(dtype):
+    """Two 64-row blocks of the packed layout, unpacked through the scratch bytes: the same weights, bit for bit,
+    as the plain two-levels-a-byte layout gives (and again on a second call, the scratch reused). A bf16 layer, so
+    that both keep their scales in bf16 (the packed kernel's, see kernel_dtype)."""
+    layer = linear(n_out=128, n_in=96).to(torch.bfloat16)
+    packed, plain = Int4Linear(layer, 32, "packed"), Int4Linear(layer, 32, "dequantize")
+    assert packed.kernel == "packed" and plain.kernel == "dequantize"
+    expected = plain.dequantize(dtype)
+    assert torch.equal(packed.dequantize(dtype), expected)
+    assert torch.equal(packed.dequantize(dtype, out=torch.empty_like(expected)), expected)
+
+
 def test_quantize_replaces_every_block_linear_and_the_output():
     model = tiny_model()
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
