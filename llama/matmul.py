@@ -89,6 +89,8 @@ def _remembered(key: str) -> str | None:
 
 
 def _remember(key: str, choice: str, ratio: float):
+    from .checkpoint import atomic_write  # here: llama.checkpoint imports the model, which imports this module
+
     path = choice_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,9 +99,7 @@ def _remember(key: str, choice: str, ratio: float):
         except (OSError, ValueError):
             known = {}
         known[key] = {"kernel": choice, "onednn_over_blas": round(ratio, 3)}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+        atomic_write(path, json.dumps(known, indent=1))  # a reader sees the old file or the new one
     except OSError as e:  # a read-only home: the choice holds for this process only
         log(f"fp32 matmul on CPU: could not keep the choice in {path} ({e})")
 

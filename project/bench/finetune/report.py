@@ -484,27 +484,22 @@ def floor_section(frame: pd.DataFrame, machine: dict) -> list[str]:
             f"| {r.config} | {dtype} | {flops / 1e12:.3f} | {rates[dtype]} | {floor:.2f} | {r.micro_s_mean:.2f} | "
             f"{100 * floor / r.micro_s_mean:.0f}% |"
         )
-    return (
-        lines
-        + [
+    lines += [
+        "",
+        f"FLOPs per token: 2 per weight of the blocks' linear layers ({weights / 1e9:.3f} G on {shape}) for the "
+        "forward, 2 for the input gradients, 2 more for the weight gradients of full fine-tuning (LoRA's own are "
+        "negligible), 2 more to recompute the forward under checkpointing. The output layer, attention scores and "
+        "elementwise work are not counted, so the floor is a lower bound and the share of the machine's matmul "
+        "rate (from `../shared/tools/machine_limits.py`, in `machine_limits.json`) is an underestimate.",
+    ]
+    if _unique(frame[frame["stack"] == "ours"], "cpu_fp32_matmul") == "onednn":
+        lines += [
             "",
-            f"FLOPs per token: 2 per weight of the blocks' linear layers ({weights / 1e9:.3f} G on {shape}) for the "
-            "forward, 2 for the input gradients, 2 more for the weight gradients of full fine-tuning (LoRA's own are "
-            "negligible), 2 more to recompute the forward under checkpointing. The output layer, attention scores and "
-            "elementwise work are not counted, so the floor is a lower bound and the share of the machine's matmul "
-            "rate (from `../shared/tools/machine_limits.py`, in `machine_limits.json`) is an underestimate.",
+            "The tool times `F.linear`, i.e. PyTorch's default kernel for each dtype; this run's fp32 products went "
+            "through oneDNN instead (llama/matmul.py), which on this CPU is faster than the default BLAS at these "
+            "shapes, so an fp32 share can exceed what the tool's rate suggests is possible.",
         ]
-        + (
-            [
-                "",
-                "The tool times `F.linear`, i.e. PyTorch's default kernel for each dtype; this run's fp32 products "
-                "went through oneDNN instead (llama/matmul.py), which on this CPU is faster than the default BLAS at "
-                "these shapes, so an fp32 share can exceed what the tool's rate suggests is possible.",
-            ]
-            if _unique(frame[frame["stack"] == "ours"], "cpu_fp32_matmul") == "onednn"
-            else []
-        )
-    )
+    return lines
 
 
 def write_report(csv_path: Path, out_dir: Path) -> Path:
