@@ -124,10 +124,17 @@ def set_cpu_fp32_kernel(kernel: str):
     _chosen = kernel
 
 
-def _resolve() -> str:
+def requested_kernel() -> str:
+    """EFFICIENT_LLAMA_FP32_MATMUL: 'auto' (also when unset), 'blas' or 'onednn'; anything else is a UserError
+    (the scripts ask at start, before loading anything)."""
     asked = (os.environ.get(ENV) or "auto").strip().lower()
     if asked not in ("auto", *KERNELS):
         raise UserError(f"{ENV} must be auto, blas or onednn, not {asked!r}")
+    return asked
+
+
+def _resolve() -> str:
+    asked = requested_kernel()
     if asked == "blas":
         return asked
     if not _onednn_available():

@@ -24,6 +24,7 @@ import fire
 import torch
 
 from llama.errors import UserError
+from llama.matmul import requested_kernel
 
 
 def name_list(value) -> tuple[str, ...]:
@@ -126,6 +127,7 @@ def run(component):
         problem = unknown_flag(sys.argv[1:], set(inspect.signature(component).parameters))
         if problem:
             raise UserError(problem)
+        requested_kernel()  # EFFICIENT_LLAMA_FP32_MATMUL, read at the first fp32 product: checked now
         fire.Fire(checked(component))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

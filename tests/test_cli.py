@@ -1,5 +1,6 @@
 """Bad flags stop the scripts at once with one `error:` line (project/cli.py), before any model is loaded."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -82,6 +83,16 @@ def test_each_script_stops_with_one_line_before_loading_anything(args, expected,
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert lines[-1].startswith(expected.replace("{tmp}", str(tmp_path))), lines[-1]
     assert "Traceback" not in proc.stderr and "loaded" not in proc.stderr + proc.stdout  # no model was loaded
+
+
+def test_a_bad_fp32_kernel_setting_stops_a_script_before_loading(tmp_path):
+    env = dict(os.environ, EFFICIENT_LLAMA_FP32_MATMUL="mkl", XDG_CACHE_HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "inference.py"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: EFFICIENT_LLAMA_FP32_MATMUL must be auto, blas or onednn, not 'mkl'"
+    )
+    assert "Traceback" not in proc.stderr and "loaded" not in proc.stderr + proc.stdout
 
 
 def test_sigterm_mid_training_says_interrupted_keeps_the_checkpoint_and_resume_finishes(tmp_path):
