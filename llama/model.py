@@ -81,6 +81,13 @@ class ModelArgs:
         return cls(**{k: v for k, v in params.items() if k in names})
 
 
+def eager_inference() -> bool:
+    """True where a layer may compute in place on its own temporaries: no autograd keeps them for a backward, and
+    torch.compile is not tracing (inductor fuses temporaries away itself). Every large temporary of an eager CPU
+    step is fresh memory the allocator maps and the kernel faults in, which costs as much as the arithmetic."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -89,9 +96,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 for accuracy, return in the input dtype (as Meta and HF do).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        if not eager_inference() or x.dtype != self.weight.dtype:
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return xf.type_as(x) * self.weight
+        # The same arithmetic, bit for bit, in place on one fp32 copy (a prefill's normalisations ~2.5x faster).
+        xf = x.to(torch.float32, copy=True)
+        mean_square = (xf * xf).mean(-1, keepdim=True)
+        return xf.mul_(mean_square.add_(self.eps).rsqrt_()).to(x.dtype).mul_(self.weight)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -116,7 +128,12 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, T, heads, d) by angles given as cos/sin (B, T, 1, d/2)."""
+    """Rotate interleaved pairs of x (B, T, heads, d) by angles given as cos/sin (B, T, 1, d/2), in fp32."""
+    if eager_inference() and x.device.type in ("cpu", "cuda"):
+        # Each pair as one complex number, times e^(i angle): one kernel where the real form below takes eight
+        # (a prefill's rotations ~4x faster); it rounds within an fp32 ulp of the real form (FMA), as Meta's does.
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).type_as(x)
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
@@ -256,6 +273,8 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
             gate, up = self.w13(x).chunk(2, dim=-1)
+            if eager_inference():
+                return self.w2(F.silu(gate, inplace=True).mul_(up))
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
@@ -269,8 +288,16 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, start_pos: int, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = add_residual(x, self.attention(self.attention_norm(x), cos, sin, start_pos, mask))
+        return add_residual(h, self.feed_forward(self.ffn_norm(h)))
+
+
+def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch, summed into the branch's own fresh output where eager_inference() allows and the dtypes agree
+    (under autocast an fp32 stream plus a bf16 branch must become fp32)."""
+    if eager_inference() and branch.dtype == x.dtype:
+        return branch.add_(x)
+    return x + branch
 
 
 class Transformer(nn.Module):

@@ -156,33 +156,76 @@ def test_model_args_hidden_dim_from_meta_params():
 
 
 # ---- components against hand-worked values ---------------------------------------------------------------
-def test_rmsnorm_hand_worked():
-    norm = RMSNorm(2, eps=0.0)
+# Each component has an autograd form and, without autograd, an in-place one (llama.model.eager_inference): both
+# are held to the same hand-worked values.
+BOTH_FORMS = pytest.mark.parametrize("autograd", [True, False], ids=["autograd", "in_place"])
+
+
+@BOTH_FORMS
+def test_rmsnorm_hand_worked(autograd):
+    with torch.set_grad_enabled(autograd):
+        norm = RMSNorm(2, eps=0.0)
+        with torch.no_grad():
+            norm.weight.copy_(torch.tensor([1.0, 2.0]))
+        # rms([3, 4]) = sqrt((9 + 16) / 2) = sqrt(12.5)
+        r = math.sqrt(12.5)
+        out = norm(torch.tensor([[3.0, 4.0]]))
+        torch.testing.assert_close(out, torch.tensor([[3 / r, 2 * 4 / r]]))
+        # bf16 input: normalised in fp32, returned in bf16
+        out16 = norm(torch.tensor([[3.0, 4.0]], dtype=torch.bfloat16))
+        torch.testing.assert_close(out16.float(), torch.tensor([[3 / r, 2 * 4 / r]]), atol=2e-2, rtol=0)
+
+
+@BOTH_FORMS
+def test_rope_rotates_interleaved_pairs_by_position_times_frequency(autograd):
+    with torch.set_grad_enabled(autograd):
+        # head dim 4, theta 10000: inverse frequencies 10000^(-0/4) = 1 and 10000^(-2/4) = 0.01
+        a = ModelArgs(dim=4, n_layers=1, n_heads=1, vocab_size=8, hidden_dim=8, rope_theta=10000.0)
+        torch.testing.assert_close(rope_inv_freq(a), torch.tensor([1.0, 0.01]))
+        pos = 3
+        angles = pos * rope_inv_freq(a)
+        x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
+        out = apply_rope(x, angles.cos().view(1, 1, 1, 2), angles.sin().view(1, 1, 1, 2)).flatten()
+        c0, s0, c1, s1 = math.cos(3), math.sin(3), math.cos(0.03), math.sin(0.03)
+        expected = [1 * c0 - 2 * s0, 1 * s0 + 2 * c0, 3 * c1 - 4 * s1, 3 * s1 + 4 * c1]
+        torch.testing.assert_close(out, torch.tensor(expected))
+        # a quarter turn takes (1, 0) to (0, 1)
+        q = apply_rope(torch.tensor([1.0, 0.0]).view(1, 1, 1, 2), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
+        torch.testing.assert_close(q.flatten(), torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_forms_compute_what_the_autograd_forms_do(dtype):
+    """Without autograd, RMSNorm, SwiGLU and the residual sums work in place on their own temporaries and RoPE
+    multiplies complex numbers: the same values as the autograd forms (RMSNorm bit for bit, RoPE within an fp32
+    rounding before the result's own), and no input is overwritten."""
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(64).to(dtype)
     with torch.no_grad():
-        norm.weight.copy_(torch.tensor([1.0, 2.0]))
-    # rms([3, 4]) = sqrt((9 + 16) / 2) = sqrt(12.5)
-    r = math.sqrt(12.5)
-    out = norm(torch.tensor([[3.0, 4.0]]))
-    torch.testing.assert_close(out, torch.tensor([[3 / r, 2 * 4 / r]]))
-    # bf16 input: normalised in fp32, returned in bf16
-    out16 = norm(torch.tensor([[3.0, 4.0]], dtype=torch.bfloat16))
-    torch.testing.assert_close(out16.float(), torch.tensor([[3 / r, 2 * 4 / r]]), atol=2e-2, rtol=0)
+        norm.weight.copy_(torch.randn(64, generator=g))
+    x = torch.randn(3, 5, 64, generator=g).to(dtype)
+    x0 = x.clone()
+    with torch.no_grad():
+        fast = norm(x)
+    assert torch.equal(x, x0)
+    assert torch.equal(fast, norm(x).detach())
 
+    q = torch.randn(2, 5, 4, 16, generator=g).to(dtype)
+    angles = torch.randn(2, 5, 1, 8, generator=g) * 10
+    with torch.no_grad():
+        fast = apply_rope(q, angles.cos(), angles.sin())
+    ulp = 2e-6 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(fast, apply_rope(q, angles.cos(), angles.sin()), atol=ulp * 10, rtol=ulp)
 
-def test_rope_rotates_interleaved_pairs_by_position_times_frequency():
-    # head dim 4, theta 10000: inverse frequencies 10000^(-0/4) = 1 and 10000^(-2/4) = 0.01
-    a = ModelArgs(dim=4, n_layers=1, n_heads=1, vocab_size=8, hidden_dim=8, rope_theta=10000.0)
-    torch.testing.assert_close(rope_inv_freq(a), torch.tensor([1.0, 0.01]))
-    pos = 3
-    angles = pos * rope_inv_freq(a)
-    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
-    out = apply_rope(x, angles.cos().view(1, 1, 1, 2), angles.sin().view(1, 1, 1, 2)).flatten()
-    c0, s0, c1, s1 = math.cos(3), math.sin(3), math.cos(0.03), math.sin(0.03)
-    expected = [1 * c0 - 2 * s0, 1 * s0 + 2 * c0, 3 * c1 - 4 * s1, 3 * s1 + 4 * c1]
-    torch.testing.assert_close(out, torch.tensor(expected))
-    # a quarter turn takes (1, 0) to (0, 1)
-    q = apply_rope(torch.tensor([1.0, 0.0]).view(1, 1, 1, 2), torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1))
-    torch.testing.assert_close(q.flatten(), torch.tensor([0.0, 1.0]))
+    model = fuse_projections(tiny_model(seed=3)).to(dtype)  # fused w13: the in-place SwiGLU
+    ids = tokens(seq=12)
+    emb0 = model.tok_embeddings.weight.clone()
+    with torch.no_grad():
+        fast = model(ids)
+    assert torch.equal(model.tok_embeddings.weight, emb0)
+    slow = model(ids).detach()
+    scale = slow.abs().max().item()
+    torch.testing.assert_close(fast, slow, atol=(1e-5 if dtype == torch.float32 else 3e-2) * scale, rtol=0)
 
 
 def test_llama3_rope_scaling_hand_worked():
