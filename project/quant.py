@@ -314,8 +314,8 @@ class Int4Linear(nn.Module):
             pairs = w.view(N, K // 2, 2)
             pairs[..., 0].copy_(self.q >> 4)
             pairs[..., 1].copy_(self.q & 15)
-        sz = self.scales_zeros.to(dtype).transpose(0, 1)  # (N, K/G, 2)
-        scale, offset = sz[..., :1].contiguous(), sz[..., 1:] - 8 * sz[..., :1]
+        sz = self.scales_zeros.transpose(0, 1).to(dtype)  # (N, K/G, 2), contiguous
+        scale, offset = sz[..., :1], torch.add(sz[..., 1:], sz[..., :1], alpha=-8)  # zero - 8 scale
         return w.view(N, K // G, G).mul_(scale).add_(offset).view(N, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
