@@ -330,8 +330,8 @@ class Int4Linear(nn.Module):
         elif self.kernel == "dequantize" or dequantize_rows(x2):
             return linear(x, dequantized(self, x.dtype, x.device))
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(self.scales_zeros.dtype), self.q, self.group_size, self.scales_zeros
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # which takes contiguous rows only
+                x2.to(self.scales_zeros.dtype).contiguous(), self.q, self.group_size, self.scales_zeros
             )
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 

@@ -323,6 +323,20 @@ def test_quantized_model_stays_close_and_cache_on_off_agree(mode):
     assert on == off
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
+def test_quantized_layers_take_rows_that_are_not_contiguous(mode):
+    """Without autograd the fused SwiGLU (llama.model.FeedForward) hands w2 the gate half of w13's output, a view
+    whose rows are not contiguous: each layer gives what it gives a contiguous copy, for decode rows (the packed
+    kernels) and a prefill's, in bf16 (an fp32 model's rows are copied into bf16 before the kernels anyway)."""
+    model = tiny_model(dim=64, hidden_dim=128).to(torch.bfloat16)
+    quantize(model, QuantConfig(mode))
+    w2 = model.layers[0].feed_forward.w2
+    for rows in (3, 40):
+        x = torch.randn(rows, 256).to(torch.bfloat16)[:, :128]
+        with torch.no_grad():
+            assert torch.equal(w2(x), w2(x.contiguous()))
+
+
 def test_bad_settings_are_user_errors():
     with pytest.raises(UserError, match="--quantize"):
         QuantConfig("int3")
