@@ -26,7 +26,8 @@ Kernels (`kernel_for` chooses; `quantize` says which in its description):
   slower than the fp32 model itself on an AVX-512 CPU, measured), so an fp32 model's activations enter them in bf16
   and leave in fp32 again ("bf16 activations" in the description). That suits decoding (a few rows: reading the
   weights is the cost); for a layer fed more than PACKED_MAX_ROWS rows (a prefill) the weight is dequantized
-  into the activations' dtype and the plain matmul runs instead, because there the cost is arithmetic: always
+  into the activations' dtype (int8 with fewer rows than columns: only converted, its scales applied to the
+  products) and the plain matmul runs instead, because there the cost is arithmetic: always
   for fp32, and for bf16 where the CPU multiplies bf16 natively (AVX-512 BF16 / AMX; a 1B-shape bf16 prefill of
   256 tokens on an AMD EPYC with AVX-512 BF16: 4.6 s with int8 through the packed kernel, 1.4 s unquantized).
   Without native bf16 a bf16 model's prefill stays on the packed kernels, since there bf16 matmuls are emulated.
@@ -245,7 +246,12 @@ class Int8Linear(nn.Module):
             # ~16 -> ~11 ms against the packed kernel; README).
             return (row_product(x, self.q) * self.scales.float()).to(x.dtype)
         if self.kernel == "dequantize" or dequantize_rows(x2):
-            return linear(x, dequantized(self, x.dtype, x.device))
+            if x2.shape[0] >= self.in_features:
+                return linear(x, dequantized(self, x.dtype, x.device))
+            # Fewer rows than columns (a prefill of a short prompt): the scale of each output channel is applied to
+            # the M x N products instead of the N x K weights, which are only converted (exactly: |q| <= 127).
+            levels = scratch((self.out_features, self.in_features), x.dtype, x.device).copy_(self.q)
+            return linear(x, levels).mul_(self.scales.to(x.dtype))
         y = torch._weight_int8pack_mm(x2.to(self.scales.dtype), self.q, self.scales)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 

@@ -169,8 +169,9 @@ def test_kernel_choice_off_cpu_needs_no_gpu_to_decide_the_fallbacks():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_prefill_of_fp32_activations_uses_the_fp32_matmul(mode):
-    """Above PACKED_MAX_ROWS rows of fp32 activations a packed layer computes x @ dequantized W^T in fp32, and
-    agrees with the packed kernel's own result on fewer rows."""
+    """Above PACKED_MAX_ROWS rows of fp32 activations a packed layer computes x @ dequantized W^T in fp32 (int8
+    with fewer rows than columns: the levels, then the scales on the products), and agrees with the packed kernel's
+    own result on fewer rows."""
     base = linear(n_out=128, n_in=64)
     layer = Int8Linear(base, kernel_for(CPU, mode)) if mode == "int8" else Int4Linear(base, 32, kernel_for(CPU, mode))
     x = torch.randn(PACKED_MAX_ROWS + 1, 64)
@@ -187,18 +188,27 @@ def test_prefill_of_fp32_activations_uses_the_fp32_matmul(mode):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_prefill_of_bf16_activations_dequantizes_only_where_bf16_is_native(monkeypatch, native):
-    """A bf16 prefill takes the bf16 matmul on the dequantized weight where the CPU multiplies bf16 natively, and
-    stays on the packed kernel where bf16 matmuls would be emulated; decoding rows always take the packed kernel."""
+    """A bf16 prefill takes the bf16 matmul where the CPU multiplies bf16 natively, and stays on the packed kernel
+    where bf16 matmuls would be emulated; decoding rows always take the packed kernel. The bf16 matmul multiplies
+    the int8 levels and scales its M x N products by channel where there are fewer rows than columns (M < K), and
+    multiplies the dequantized weight otherwise."""
     import project.quant as quant
 
     monkeypatch.setattr(quant, "native_matmul", lambda device, dtype: native)
     layer = Int8Linear(linear(n_out=128, n_in=64).to(torch.bfloat16), kernel_for(CPU, "int8"))
-    weight = (layer.q.float() * layer.scales.float()[:, None]).to(torch.bfloat16)
-    x = torch.randn(PACKED_MAX_ROWS + 1, 64, dtype=torch.bfloat16)
-    packed = torch._weight_int8pack_mm(x, layer.q, layer.scales)
-    want = F.linear(x, weight) if native else packed
-    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
-    torch.testing.assert_close(layer(x[:4]), packed[:4], rtol=0, atol=0)
+    levels, scales = layer.q.to(torch.bfloat16), layer.scales
+    weight = (layer.q.float() * scales.float()[:, None]).to(torch.bfloat16)
+    for rows in (PACKED_MAX_ROWS + 1, 64):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        packed = torch._weight_int8pack_mm(x, layer.q, scales)
+        if not native:
+            want = packed
+        elif rows < 64:
+            want = F.linear(x, levels) * scales
+        else:
+            want = F.linear(x, weight)
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(layer(x[:4]), packed[:4], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(kernel_for(CPU, "int4") != "packed", reason="no packed int4 kernel in this PyTorch")
