@@ -246,10 +246,11 @@ class Int8Linear(nn.Module):
             # ~16 -> ~11 ms against the packed kernel; README).
             return (row_product(x, self.q) * self.scales.float()).to(x.dtype)
         if self.kernel == "dequantize" or dequantize_rows(x2):
-            if x2.shape[0] >= self.in_features:
+            if x2.shape[0] >= self.in_features or x.dtype == torch.float16:
                 return linear(x, dequantized(self, x.dtype, x.device))
             # Fewer rows than columns (a prefill of a short prompt): the scale of each output channel is applied to
             # the M x N products instead of the N x K weights, which are only converted (exactly: |q| <= 127).
+            # Not in fp16, whose range the unscaled products (~127 / max |w| times the outputs) could overflow.
             levels = scratch((self.out_features, self.in_features), x.dtype, x.device).copy_(self.q)
             return linear(x, levels).mul_(self.scales.to(x.dtype))
         y = torch._weight_int8pack_mm(x2.to(self.scales.dtype), self.q, self.scales)
@@ -320,7 +321,7 @@ class Int4Linear(nn.Module):
             pairs = w.view(N, K // 2, 2)
             pairs[..., 0].copy_(self.q >> 4)
             pairs[..., 1].copy_(self.q & 15)
-        sz = self.scales_zeros.transpose(0, 1).to(dtype)  # (N, K/G, 2), contiguous
+        sz = self.scales_zeros.transpose(0, 1).to(dtype)  # (N, K/G, 2)
         scale, offset = sz[..., :1], torch.add(sz[..., 1:], sz[..., :1], alpha=-8)  # zero - 8 scale
         return w.view(N, K // G, G).mul_(scale).add_(offset).view(N, K)
 

@@ -186,6 +186,21 @@ def test_prefill_of_fp32_activations_uses_the_fp32_matmul(mode):
     torch.testing.assert_close(few, x[:4] @ weight.T, rtol=2e-2, atol=2e-2 * few.abs().max().item())
 
 
+def test_fp16_int8_rows_multiply_the_dequantized_weight():
+    """In fp16 (GPUs without bf16) an int8 layer multiplies the dequantized weight even for fewer rows than columns:
+    the unscaled products of the levels could leave fp16's range. Levels of 127 against 64 inputs of 20 sum to
+    162560 unscaled (fp16 overflows at 65504), to 64 once scaled by 0.05 / 127."""
+    base = nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        base.weight.fill_(0.05)
+    layer = Int8Linear(base.to(torch.float16), "dequantize")
+    x = torch.full((3, 64), 20.0, dtype=torch.float16)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), torch.full((3, 8), 64 * 20 * 0.05), rtol=1e-2, atol=0)
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_prefill_of_bf16_activations_dequantizes_only_where_bf16_is_native(monkeypatch, native):
     """A bf16 prefill takes the bf16 matmul where the CPU multiplies bf16 natively, and stays on the packed kernel
