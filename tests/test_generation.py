@@ -70,6 +70,20 @@ def test_compiled_decode_token_identical_to_the_plain_path(tiny_llama):
         assert greedy(compiled, prompts, True) == [singles[PROMPTS.index(p)] for p in prompts]
 
 
+def test_compiled_decode_with_column_blocks_is_token_identical_to_the_plain_path(tiny_llama):
+    """A w2 held in column blocks (fuse_projections' long rows, llama.model.ColumnBlocks) decodes the unsplit
+    model's greedy tokens, compiled (each block a single-row product of its own) and plain (fp32)."""
+    import torch._dynamo
+
+    singles = [greedy(tiny_llama, [p], True)[0] for p in PROMPTS]
+    torch._dynamo.reset()
+    compiled = Llama(
+        fuse_projections(tiny_model(seed=5), long_row=64), ToyTokenizer(), torch.device("cpu"), compile=True
+    )
+    assert greedy(compiled, PROMPTS, True) == singles
+    assert greedy(compiled, PROMPTS, False) == singles
+
+
 def test_compiled_decode_with_w8a8_layers_matches_eager():
     """w8a8's CPU kernel takes a TorchScript object, which torch.compile cannot trace: the compiled step reaches it
     through project.quant's operator, and must give the eager path's tokens."""

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llama.checkpoint import interleaved_to_rotate_half, load_checkpoint, save_hf
 from llama.matmul import linear
 from llama.model import (
+    ColumnBlocks,
     KVCache,
     Linear,
     ModelArgs,
@@ -21,6 +22,7 @@ from llama.model import (
     attend_by_sums,
     fuse_projections,
     rope_inv_freq,
+    row_block,
 )
 from project.checkpointing import apply_checkpointing
 
@@ -320,6 +322,53 @@ def test_fused_projections_give_the_unfused_outputs():
 
     with pytest.raises(ValueError, match="plain nn.Linear"):
         fuse_projections(apply_lora(tiny_model(), LoRAConfig()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_blocks_sum_their_blocks_products(dtype):
+    """ColumnBlocks.split holds W's columns in contiguous blocks and joined() gives W back exactly; the output is
+    sum_j x_j W_j^T against an fp64 reference: in fp32 within fp32 rounding, in bf16 within one bf16 rounding of each
+    block's product (the layers' own) and one of the sum, i.e. 2^-8 of (sum_j |x_j W_j^T| + |y|)."""
+    torch.manual_seed(0)
+    layer = Linear(32, 6).to(dtype)
+    blocks = ColumnBlocks.split(layer, 8)
+    assert len(blocks.parts) == 4 and (blocks.in_features, blocks.out_features) == (32, 6)
+    assert all(p.weight.is_contiguous() and p.weight.shape == (6, 8) for p in blocks.parts)
+    assert torch.equal(blocks.parts[2].weight, layer.weight[:, 16:24])
+    assert torch.equal(blocks.joined().weight, layer.weight)
+    x = torch.randn(5, 32).to(dtype)
+    with torch.no_grad():
+        y = blocks(x)
+    parts = [x[:, j : j + 8].double() @ layer.weight[:, j : j + 8].double().T for j in range(0, 32, 8)]
+    want = sum(parts)
+    assert y.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), want, atol=1e-6, rtol=1e-6)
+    else:
+        bound = 2**-8 * (sum(p.abs() for p in parts) + want.abs())
+        assert ((y.double() - want).abs() <= bound).all()
+
+
+def test_row_blocks_are_the_widest_divisor_up_to_half_the_long_row():
+    assert row_block(8192) == 2048 and row_block(14336) == 2048  # Llama 3.2-1B / 3B, Llama 3.1-8B w2
+    assert row_block(6000) == 2000 and row_block(96, 64) == 32 and row_block(97, 64) == 1
+
+
+def test_fused_projections_hold_long_rows_in_blocks_with_the_unfused_outputs():
+    """A w2 with rows longer than long_row becomes ColumnBlocks (on CPU): the unfused model's logits, prefill and
+    cached decode (fp32), from the same weights."""
+    model, fused = tiny_model(seed=3), fuse_projections(tiny_model(seed=3), long_row=64)
+    w2 = fused.layers[0].feed_forward.w2
+    assert isinstance(w2, ColumnBlocks) and w2.block == 32 and len(w2.parts) == 3  # hidden 96
+    assert torch.equal(w2.joined().weight, model.layers[0].feed_forward.w2.weight)
+    assert isinstance(fuse_projections(tiny_model()).layers[0].feed_forward.w2, Linear)  # 96 <= LONG_ROW
+    x = tokens(seq=20)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+        for m in (model, fused):
+            m.setup_cache(2, 21)
+            m(x, 0)
+        torch.testing.assert_close(fused(x[:, :1], 20), model(x[:, :1], 20), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

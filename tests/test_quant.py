@@ -8,7 +8,7 @@ from torch import nn
 
 from llama.errors import UserError
 from llama.generation import Llama
-from llama.model import Linear
+from llama.model import ColumnBlocks, Linear, fuse_projections
 from project.memory import weight_bytes
 from project.quant import (
     FBGEMM_WEIGHT_LEVELS,
@@ -258,6 +258,32 @@ def test_quantize_replaces_every_block_linear_and_the_output():
     kept = tiny_model()
     quantize(kept, QuantConfig("int4", output="none"))
     assert isinstance(kept.output, nn.Linear) and isinstance(kept.layers[0].attention.wq, Int4Linear)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
+def test_column_blocks_are_quantized_block_by_block_under_int8_and_joined_otherwise(mode):
+    """A w2 held in column blocks (llama.model.ColumnBlocks): int8 quantizes each block with its own scales (the
+    levels of each block's maximum reach 127) and the layer gives the sum of the blocks' dequantized products;
+    int4 and w8a8 quantize the one joined weight, as for an unsplit model."""
+    model, plain = fuse_projections(tiny_model(seed=2), long_row=64), fuse_projections(tiny_model(seed=2))
+    w = plain.layers[0].feed_forward.w2.weight.detach().clone()
+    quantize(model, QuantConfig(mode))
+    quantize(plain, QuantConfig(mode))
+    w2 = model.layers[0].feed_forward.w2
+    x = torch.randn(3, 96)
+    if mode != "int8":
+        assert type(w2) is type(plain.layers[0].feed_forward.w2)
+        with torch.no_grad():
+            assert torch.equal(w2(x), plain.layers[0].feed_forward.w2(x))
+        return
+    assert isinstance(w2, ColumnBlocks) and all(isinstance(p, Int8Linear) for p in w2.parts)
+    for j, part in enumerate(w2.parts):
+        cols = w[:, 32 * j : 32 * (j + 1)]
+        assert torch.equal(part.scales, (cols.abs().amax(dim=1) / 127).to(part.scales.dtype))  # bf16: the kernel's
+        assert (part.q.abs().amax(dim=1) == 127).all()
+    with torch.no_grad():
+        want = sum(x[:, 32 * j : 32 * (j + 1)] @ p.dequantize().T for j, p in enumerate(w2.parts))
+        torch.testing.assert_close(w2(x), want, atol=2e-2, rtol=2e-2)  # the packed kernel takes bf16 rows
 
 
 W8A8_KERNELS = ["dequantize"] + (["fbgemm"] if kernel_for(CPU, "w8a8") == "fbgemm" else [])
