@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import ModelSource
 from .errors import UserError
-from .model import Transformer, fuse_projections
+from .model import LONG_ROW, Transformer, fuse_projections
 from .runtime import describe, log, resolve_device, resolve_dtype, synchronize
 from .tokenizer import Message
 
@@ -120,14 +120,17 @@ class Llama:
         compile_mode: str = "default",
     ) -> Llama:
         """Load source's model (default: the embedded SmolLM2) on the device in the dtype, fuse its projections for
-        inference (llama.model.fuse_projections), and say what was loaded."""
+        inference (llama.model.fuse_projections; with compile on CPU, long rows in blocks), and say what was
+        loaded. The blocks only serve the compiled step: eager calls sum several bf16-rounded matrix-vector products
+        instead of one, which on the 1B shape took the eager decode from 1.25x to 0.91x transformers' speed and
+        changed its greedy tokens (bf16, one benchmark run each)."""
         check_compile_mode(compile_mode)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         start = time.perf_counter()
         model, tokenizer = source.load(dt, dev)
         n = sum(p.numel() for p in model.parameters()) / 1e6
-        fuse_projections(model)
+        fuse_projections(model, LONG_ROW if compile and dev.type == "cpu" else None)
         log(f"loaded {source.name}: {n:.1f}M parameters in {time.perf_counter() - start:.1f}s; {describe(dev, dt)}")
         return Llama(model, tokenizer, dev, compile, compile_mode)
 

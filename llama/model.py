@@ -201,20 +201,20 @@ class Linear(nn.Linear):
         return linear(x, self.weight)
 
 
-LONG_ROW = 4096  # on CPU, inference holds a w2 with longer rows as column blocks (ColumnBlocks)
+LONG_ROW = 4096  # a compiled CPU decode step holds a w2 with longer rows as column blocks (ColumnBlocks)
 
 
 class ColumnBlocks(nn.Module):
     """A bias-free linear layer (N, K) held as K / C blocks of C columns, each its own contiguous (N, C) layer:
     y = sum_j x[..., jC:(j+1)C] W_j^T, the blocks' products summed in fp32 and rounded to x's dtype once.
 
-    For CPU inference with weights whose rows are longer than LONG_ROW (Llama 3's w2: 8192 columns in the 1B and
-    3B, 14336 in the 8B). A compiled decode step multiplies a single row by such a weight at ~16 GB/s in bf16 and
-    ~13 in int8, where rows of 2048 stream at ~27 and ~26 (inductor's single-row products, 2 threads, AMD EPYC with
-    AVX-512; `Linear`), and reading one block's columns out of the long rows in place was slower still (4 KB runs
-    at a 16 KB stride: ~12 GB/s). The blocks are plain layers, so quantize() quantizes each one (int8: a scale per
-    output channel and block) or joins them again (formats whose kernels stream long rows well; project/quant.py).
-    """
+    For a compiled CPU decode step, on weights whose rows are longer than LONG_ROW (Llama 3's w2: 8192 columns in
+    the 1B and 3B, 14336 in the 8B; Llama.build). That step multiplies a single row by such a weight at ~16 GB/s
+    in bf16 and ~13 in int8, where rows of 2048 stream at ~27 and ~26 (inductor's single-row products, 2 threads,
+    AMD EPYC with AVX-512; `Linear`), and reading one block's columns out of the long rows in place was slower
+    still (4 KB runs at a 16 KB stride: ~12 GB/s). The blocks are plain layers, so quantize() quantizes each one
+    (int8: a scale per output channel and block) or joins them again (formats whose kernels stream long rows well;
+    project/quant.py)."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
@@ -224,8 +224,13 @@ class ColumnBlocks(nn.Module):
 
     @staticmethod
     def split(layer: Linear, block: int) -> ColumnBlocks:
-        """layer (N, K) -> its K / block column blocks (block must divide K)."""
-        return ColumnBlocks([_frozen(cols.contiguous()) for cols in layer.weight.detach().split(block, dim=1)])
+        """layer (N, K) -> its K / block column blocks (block must divide K), views of one (K / block, N, block)
+        tensor: one allocation as large as the weight, which the allocator returns to the system once quantize()
+        has replaced every block (separate blocks of a few MB stayed resident after quantization: +1.3 GB on the
+        1B shape with int8, measured)."""
+        w = layer.weight.detach()
+        stacked = w.view(w.shape[0], -1, block).transpose(0, 1).contiguous()
+        return ColumnBlocks([_frozen(cols) for cols in stacked])
 
     def joined(self) -> Linear:
         """The one (N, K) Linear these blocks hold (before quantization: its parts are Linear)."""
@@ -456,13 +461,13 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))
 
 
-def fuse_projections(model: Transformer, long_row: int = LONG_ROW) -> Transformer:
-    """For inference: stack each block's wq, wk, wv into one wqkv and w1, w3 into one w13, and hold a w2 whose rows
-    are longer than long_row as ColumnBlocks, in place.
+def fuse_projections(model: Transformer, long_row: Optional[int] = None) -> Transformer:
+    """For inference: stack each block's wq, wk, wv into one wqkv and w1, w3 into one w13, and (if long_row is
+    given) hold a w2 whose rows are longer than long_row as ColumnBlocks, in place.
 
     Fewer, larger matmuls (4 instead of 7 per block) cost less per call at decode, where each call is a
-    matrix-vector product dominated by its fixed overhead; the arithmetic is the same. A long-rowed w2 on CPU is
-    summed block by block instead (ColumnBlocks), for the compiled step's single rows. The fused model's
+    matrix-vector product dominated by its fixed overhead; the arithmetic is the same. A long-rowed w2 is summed
+    block by block instead (ColumnBlocks), for a compiled CPU step's single rows. The fused model's
     state_dict has other names, so fuse after loading and never before saving, LoRA or training."""
     for layer in model.layers:
         a, f = layer.attention, layer.feed_forward
@@ -472,7 +477,7 @@ def fuse_projections(model: Transformer, long_row: int = LONG_ROW) -> Transforme
             raise ValueError("fuse_projections needs plain nn.Linear projections (fuse before LoRA or quantization)")
         a.wqkv, f.w13 = _stacked(a.wq, a.wk, a.wv), _stacked(f.w1, f.w3)
         del a.wq, a.wk, a.wv, f.w1, f.w3
-        if type(f.w2) is Linear and f.w2.in_features > long_row and f.w2.weight.device.type == "cpu":
+        if long_row and type(f.w2) is Linear and f.w2.in_features > long_row:
             f.w2 = ColumnBlocks.split(f.w2, row_block(f.w2.in_features, long_row))
     return model
 

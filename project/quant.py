@@ -66,6 +66,7 @@ from llama.errors import UserError
 from llama.matmul import linear
 from llama.model import ColumnBlocks, Linear, row_product
 from llama.runtime import DTYPE_NAMES, has_native_matmul
+from project.allocator import release_free_memory
 
 MODES = ("none", "int8", "int4", "w8a8")
 OUTPUT_MODES = ("auto", *MODES)
@@ -465,6 +466,9 @@ def quantize(model: nn.Module, cfg: QuantConfig, training: bool = False) -> str:
         groups.append((cfg.output_mode, [(model, "output")], "output projection"))
     device = next(model.parameters()).device
     parts = [_quantize(targets, what, mode, cfg, device, training) for mode, targets, what in groups if mode != "none"]
+    # The full-precision weights and the quantization's temporaries, freed in pieces between the kept levels, would
+    # otherwise stay resident (1B shape, int8, with the compiled step's column blocks: 2.6-3.9 GB, trimmed 2.1).
+    release_free_memory()
     return "; ".join(parts) if parts else "weights not quantized"
 
 

@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 from llama.checkpoint import ModelSource, save_hf
 from llama.errors import UserError
 from llama.generation import Llama, decode_one_token, prefill, sample
-from llama.model import KVCache, fuse_projections
+from llama.model import ColumnBlocks, KVCache, fuse_projections
 
 PROMPTS = [[5, 17, 99, 3, 42, 7, 250, 8, 1], [200, 13], [9, 9, 31, 64, 77]]
 GEN = 24
@@ -82,6 +82,18 @@ def test_compiled_decode_with_column_blocks_is_token_identical_to_the_plain_path
     )
     assert greedy(compiled, PROMPTS, True) == singles
     assert greedy(compiled, PROMPTS, False) == singles
+
+
+def test_build_holds_long_rows_in_blocks_only_for_a_compiled_cpu_step(monkeypatch):
+    """Llama.build splits a w2 longer than LONG_ROW (here lowered below the default model's 1536 columns) only when
+    the decode step will be compiled: eager calls on blocks would sum several rounded products instead of one."""
+    import llama.generation
+
+    monkeypatch.setattr(llama.generation, "LONG_ROW", 1024)
+    compiled, eager = Llama.build(compile=True), Llama.build()
+    w2 = compiled.model.layers[0].feed_forward.w2
+    assert isinstance(w2, ColumnBlocks) and w2.block == 512 and len(w2.parts) == 3
+    assert not any(isinstance(m, ColumnBlocks) for m in eager.model.modules())
 
 
 def test_compiled_decode_with_w8a8_layers_matches_eager():

@@ -334,6 +334,8 @@ def test_column_blocks_sum_their_blocks_products(dtype):
     blocks = ColumnBlocks.split(layer, 8)
     assert len(blocks.parts) == 4 and (blocks.in_features, blocks.out_features) == (32, 6)
     assert all(p.weight.is_contiguous() and p.weight.shape == (6, 8) for p in blocks.parts)
+    storages = {p.weight.untyped_storage().data_ptr() for p in blocks.parts}
+    assert len(storages) == 1  # one allocation for all blocks (see ColumnBlocks.split)
     assert torch.equal(blocks.parts[2].weight, layer.weight[:, 16:24])
     assert torch.equal(blocks.joined().weight, layer.weight)
     x = torch.randn(5, 32).to(dtype)
@@ -361,7 +363,7 @@ def test_fused_projections_hold_long_rows_in_blocks_with_the_unfused_outputs():
     w2 = fused.layers[0].feed_forward.w2
     assert isinstance(w2, ColumnBlocks) and w2.block == 32 and len(w2.parts) == 3  # hidden 96
     assert torch.equal(w2.joined().weight, model.layers[0].feed_forward.w2.weight)
-    assert isinstance(fuse_projections(tiny_model()).layers[0].feed_forward.w2, Linear)  # 96 <= LONG_ROW
+    assert isinstance(fuse_projections(tiny_model()).layers[0].feed_forward.w2, Linear)  # no long_row: whole
     x = tokens(seq=20)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
