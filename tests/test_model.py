@@ -304,13 +304,7 @@ def test_fused_projections_give_the_unfused_outputs():
     """wqkv / w13 hold the separate weights stacked: the same logits, prefill and cached decode, and 4 matmuls
     per block instead of 7. A LoRA-wrapped projection is refused (fusing would drop its adapter)."""
     model, fused = tiny_model(seed=3), fuse_projections(tiny_model(seed=3))
-    x = tokens(seq=20)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), atol=1e-6, rtol=1e-6)
-        for m in (model, fused):
-            m.setup_cache(2, 21)
-            m(x, 0)
-        torch.testing.assert_close(fused(x[:, :1], 20), model(x[:, :1], 20), atol=1e-6, rtol=1e-6)
+    assert_same_logits(fused, model, tol=1e-6)
     block = fused.layers[0]
     linears = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
     assert sorted(linears) == ["attention.wo", "attention.wqkv", "feed_forward.w13", "feed_forward.w2"]
@@ -357,20 +351,25 @@ def test_row_blocks_are_the_widest_divisor_up_to_half_the_long_row():
 
 
 def test_fused_projections_hold_long_rows_in_blocks_with_the_unfused_outputs():
-    """A w2 with rows longer than long_row becomes ColumnBlocks (on CPU): the unfused model's logits, prefill and
-    cached decode (fp32), from the same weights."""
+    """A w2 with rows longer than long_row becomes ColumnBlocks: the unfused model's logits, prefill and cached
+    decode (fp32; the blocks' sums are reassociated), from the same weights."""
     model, fused = tiny_model(seed=3), fuse_projections(tiny_model(seed=3), long_row=64)
     w2 = fused.layers[0].feed_forward.w2
     assert isinstance(w2, ColumnBlocks) and w2.block == 32 and len(w2.parts) == 3  # hidden 96
     assert torch.equal(w2.joined().weight, model.layers[0].feed_forward.w2.weight)
     assert isinstance(fuse_projections(tiny_model()).layers[0].feed_forward.w2, Linear)  # no long_row: whole
+    assert_same_logits(fused, model, tol=1e-5)
+
+
+def assert_same_logits(fused, model, tol: float):
+    """fused and model give the same logits for a 20-token prefill and a cached decode step after it."""
     x = tokens(seq=20)
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused(x), model(x), atol=tol, rtol=tol)
         for m in (model, fused):
             m.setup_cache(2, 21)
             m(x, 0)
-        torch.testing.assert_close(fused(x[:, :1], 20), model(x[:, :1], 20), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused(x[:, :1], 20), model(x[:, :1], 20), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
