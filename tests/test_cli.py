@@ -125,14 +125,19 @@ def test_sigterm_mid_training_says_interrupted_keeps_the_checkpoint_and_resume_f
 
 def test_a_signal_during_a_save_is_delivered_after_it():
     """Ctrl-C inside uninterrupted() does not stop the block; it arrives once the block is over."""
+    # Python's own Ctrl-C handler, also where the tests were started in the background (which ignores SIGINT).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     finished = False
-    with pytest.raises(KeyboardInterrupt):
-        with uninterrupted():
-            signal.raise_signal(signal.SIGINT)
-            time.sleep(0.01)  # a Python-level handler would have raised by now
-            finished = True
-    assert finished
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with uninterrupted():
+                signal.raise_signal(signal.SIGINT)
+                time.sleep(0.01)  # a Python-level handler would have raised by now
+                finished = True
+        assert finished
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_unreadable_training_state_or_adapter_is_one_line_naming_the_file(tmp_path):
