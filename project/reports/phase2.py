@@ -431,9 +431,10 @@ def decode_section(folder: Path, reports_dir: Path, command: str) -> str:
         "(`llama.model.fuse_projections`); *compiled decode* runs `Transformer.step` (a tensor position, the whole "
         "fixed-size cache read under a mask, so every step has the same shapes) through `torch.compile`, once per "
         "configuration, in its default mode, and where a row names it in `max-autotune-no-cudagraphs` (inductor "
-        "times the candidate kernels of every matmul and keeps the fastest; `--compile_mode`). On CPU the compiled "
-        "configurations hold a `w2` whose rows are longer than 4096 columns (the 1B shape's 8192) as contiguous "
-        "blocks of 2048 (`llama.model.ColumnBlocks`), which the compiled single-row products stream faster.",
+        "times the candidate kernels of every matmul and keeps the fastest; `--compile_mode`). Runs from commit "
+        "cae8667 on hold, in compiled CPU configurations, a `w2` whose rows are longer than 4096 columns (the 1B "
+        "shape's 8192) as contiguous blocks of 2048 (`llama.model.ColumnBlocks`), which the compiled single-row "
+        "products stream faster; earlier runs multiplied the whole `w2`.",
         "",
         f"Weight formats as this run loaded them: {formats(frame)}.",
         "",
