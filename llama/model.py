@@ -225,9 +225,7 @@ class ColumnBlocks(nn.Module):
     @staticmethod
     def split(layer: Linear, block: int) -> ColumnBlocks:
         """layer (N, K) -> its K / block column blocks (block must divide K), views of one (K / block, N, block)
-        tensor: one allocation as large as the weight, which the allocator returns to the system once quantize()
-        has replaced every block (separate blocks of a few MB stayed resident after quantization: +1.3 GB on the
-        1B shape with int8, measured)."""
+        tensor: a single copy of the weight."""
         w = layer.weight.detach()
         stacked = w.view(w.shape[0], -1, block).transpose(0, 1).contiguous()
         return ColumnBlocks([_frozen(cols) for cols in stacked])
@@ -246,11 +244,11 @@ class ColumnBlocks(nn.Module):
         return y.to(x.dtype)
 
 
-def row_block(k: int, long_row: int = LONG_ROW) -> int:
-    """The widest block of at most long_row // 2 columns that divides k: 2048 for 8192 or 14336 columns. Measured on
-    the 1B shape's compiled bf16 step (one process, interleaved, median ms a token): w2 whole 96.5, in blocks of
-    4096 92.9, of 2048 83.8, of 1024 84.4."""
-    return next(c for c in range(long_row // 2, 0, -1) if k % c == 0)
+def row_block(k: int, long_row: int = LONG_ROW) -> Optional[int]:
+    """The widest block of long_row // 8 to long_row // 2 columns that divides k (2048 for 8192 or 14336 columns),
+    or None (such rows stay whole). Measured on the 1B shape's compiled bf16 step (one process, interleaved, median
+    ms a token): w2 whole 96.5, in blocks of 4096 92.9, of 2048 83.8, of 1024 84.4."""
+    return next((c for c in range(long_row // 2, long_row // 8 - 1, -1) if k % c == 0), None)
 
 
 def attend_by_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -478,7 +476,9 @@ def fuse_projections(model: Transformer, long_row: Optional[int] = None) -> Tran
         a.wqkv, f.w13 = _stacked(a.wq, a.wk, a.wv), _stacked(f.w1, f.w3)
         del a.wq, a.wk, a.wv, f.w1, f.w3
         if long_row and type(f.w2) is Linear and f.w2.in_features > long_row:
-            f.w2 = ColumnBlocks.split(f.w2, row_block(f.w2.in_features, long_row))
+            block = row_block(f.w2.in_features, long_row)
+            if block:
+                f.w2 = ColumnBlocks.split(f.w2, block)
     return model
 
 

@@ -345,9 +345,12 @@ def test_column_blocks_sum_their_blocks_products(dtype):
         assert ((y.double() - want).abs() <= bound).all()
 
 
-def test_row_blocks_are_the_widest_divisor_up_to_half_the_long_row():
+def test_row_blocks_are_the_widest_divisor_between_an_eighth_and_half_the_long_row():
     assert row_block(8192) == 2048 and row_block(14336) == 2048  # Llama 3.2-1B / 3B, Llama 3.1-8B w2
-    assert row_block(6000) == 2000 and row_block(96, 64) == 32 and row_block(97, 64) == 1
+    assert row_block(6000) == 2000 and row_block(96, 64) == 32 and row_block(72, 64) == 24
+    assert row_block(97, 64) is None and row_block(8191) is None  # no divisor that wide: the rows stay whole
+    model = fuse_projections(tiny_model(hidden_dim=97), long_row=64)
+    assert isinstance(model.layers[0].feed_forward.w2, Linear)
 
 
 def test_fused_projections_hold_long_rows_in_blocks_with_the_unfused_outputs():
