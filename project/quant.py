@@ -459,9 +459,11 @@ def quantize(model: nn.Module, cfg: QuantConfig, training: bool = False) -> str:
     if cfg.mode not in ("none", "int8"):
         join_column_blocks(model)
     blocks = block_linears(model)
-    groups = [(cfg.mode, blocks, f"{len(blocks)} block linears")]
+    split = sum(len(m.parts) for m in model.layers.modules() if isinstance(m, ColumnBlocks))
+    counted = f"{len(blocks)} block linears" + (f" ({split} of them column blocks)" if split else "")
+    groups = [(cfg.mode, blocks, counted)]
     if isinstance(model.output, nn.Linear) and cfg.output_mode == cfg.mode:
-        groups = [(cfg.mode, [*blocks, (model, "output")], f"{len(blocks)} block linears and the output projection")]
+        groups = [(cfg.mode, [*blocks, (model, "output")], f"{counted} and the output projection")]
     elif isinstance(model.output, nn.Linear):
         groups.append((cfg.output_mode, [(model, "output")], "output projection"))
     device = next(model.parameters()).device

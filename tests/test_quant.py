@@ -267,8 +267,11 @@ def test_column_blocks_are_quantized_block_by_block_under_int8_and_joined_otherw
     int4 and w8a8 quantize the one joined weight, as for an unsplit model."""
     model, plain = fuse_projections(tiny_model(seed=2), long_row=64), fuse_projections(tiny_model(seed=2))
     w = plain.layers[0].feed_forward.w2.weight.detach().clone()
-    quantize(model, QuantConfig(mode))
-    quantize(plain, QuantConfig(mode))
+    text, plain_text = quantize(model, QuantConfig(mode)), quantize(plain, QuantConfig(mode))
+    if mode == "int8":  # 2 layers: wqkv, wo, w13 and w2's 3 blocks each
+        assert text.startswith("int8 weights (12 block linears (6 of them column blocks) and the output projection)")
+    else:
+        assert text == plain_text and "column blocks" not in text
     w2 = model.layers[0].feed_forward.w2
     x = torch.randn(3, 96)
     if mode != "int8":
