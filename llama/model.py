@@ -237,9 +237,8 @@ class ColumnBlocks(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N)."""
         y = None
-        for part, cols in zip(self.parts, x.split(self.block, dim=-1)):
-            # Eager kernels (the packed quantized ones) take contiguous rows; under compilation inductor reads views.
-            p = part(cols if torch.compiler.is_compiling() else cols.contiguous()).float()
+        for part, cols in zip(self.parts, x.split(self.block, dim=-1)):  # views: every layer takes strided rows
+            p = part(cols).float()
             y = p if y is None else y.add_(p)
         return y.to(x.dtype)
 

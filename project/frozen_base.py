@@ -80,7 +80,7 @@ def prepare(model: nn.Module, lora: Optional[LoRAConfig], base: str, precision: 
     elif stored_only(base, precision):
         n = store_linears(model, DTYPES[base])
         what = f"{base} storage for the {n} block linears (fp32 arithmetic; embeddings, norms and output fp32)"
-    release_free_memory()  # the fp32 weights a quantized or 16-bit-stored base replaced; a load's temporaries
+    release_free_memory()  # the fp32 weights a 16-bit-stored base replaced, a load's temporaries (quantize() trims too)
     if not lora:
         return "every weight trained, fp32 master weights"
     return f"frozen base {what}; LoRA adapters, their gradients and optimizer state fp32"
