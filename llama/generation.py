@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import ModelSource
 from .errors import UserError
-from .model import LONG_ROW, Transformer, fuse_projections
+from .model import LONG_ROW, Transformer, fuse_projections, lower_materialize
 from .runtime import describe, log, resolve_device, resolve_dtype, synchronize
 from .tokenizer import Message
 
@@ -89,6 +89,7 @@ def compile_step(step, device: torch.device, mode: str):
     """torch.compile(step) with static shapes in the given mode. On CPU its wrapper is C++ (inductor's cpp_wrapper),
     which calls the step's few hundred kernels without Python in between: ~10 % less time a step on the default
     model at batch 1 (bf16, 2 threads; README), for about twice the first compilation."""
+    lower_materialize()
     if device.type != "cpu":
         return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
     options = {**torch._inductor.list_mode_options(mode), "cpp_wrapper": True}

@@ -9,6 +9,7 @@ loader converts q/k rows from HF's rotate-half layout (see `llama/checkpoint.py`
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -167,13 +168,27 @@ class KVCache(nn.Module):
         return self.k.nbytes + self.v.nbytes
 
 
-# x -> a copy of x, as an operator inductor cannot look into: what goes in is computed once, into memory. Without it a
-# compiled single-row product would recompute its input (an RMSNorm, a SiLU gate) inside the loop over weight rows,
-# once per output.
+# x -> a copy of x, which inductor computes once, into memory (lower_materialize). Without it a compiled single-row
+# product would recompute its input (an RMSNorm, a SiLU gate) inside the loop over weight rows, once per output.
 _OPS = torch.library.Library("efficient_llama", "FRAGMENT")
 _OPS.define("materialize(Tensor x) -> Tensor")
 _OPS.impl("materialize", lambda x: x.clone(), "CPU")
 torch.library.register_fake("efficient_llama::materialize")(lambda x: torch.empty_like(x))
+
+
+@functools.cache
+def lower_materialize():
+    """Give inductor a lowering for efficient_llama::materialize: its input is realized (computed into a buffer of
+    the compiled code) and passed on, so the op costs no call at all. Without one inductor calls the operator's
+    Python kernel, 121 times a step on the default model: 12.84 -> 12.45 ms a token in bf16, 10.09 -> 9.61 with
+    int8 (compiled batch-1 step, one process, medians of 10 interleaved calls, AMD EPYC, 2 threads). Registered
+    when a step is compiled, since importing inductor takes ~2 s."""
+    from torch._inductor.lowering import register_lowering
+
+    @register_lowering(torch.ops.efficient_llama.materialize.default, type_promotion_kind=None)
+    def _realized(x):
+        x.realize()
+        return x
 
 
 def row_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

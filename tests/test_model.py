@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_ROPE, randomize_, tiny_args, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -21,6 +22,7 @@ from llama.model import (
     apply_rope,
     attend_by_sums,
     fuse_projections,
+    lower_materialize,
     rope_inv_freq,
     row_block,
 )
@@ -403,6 +405,32 @@ def test_linear_single_row_path_under_compile(dtype):
     assert torch.equal(torch.ops.efficient_llama.materialize(x), x)
     assert any("linear" in t for t in several)
     torch.testing.assert_close(layer(x), linear(x, layer.weight), atol=0, rtol=0)  # eager: llama.matmul's
+
+
+def test_inductor_computes_materialized_rows_itself():
+    """With lower_materialize registered, inductor's code for a compiled single-row product computes the normed row
+    into a buffer itself and never calls efficient_llama::materialize (which without the lowering it calls once per
+    product); the result is the eager one, an RMSNorm then the row times each weight row, within fp32 rounding."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    norm, layer = RMSNorm(64), Linear(64, 48)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+
+    def both(x):
+        return layer(norm(x)), layer(F.silu(x))
+
+    lower_materialize()
+    torch._dynamo.reset()
+    x = torch.randn(1, 1, 64)
+    # Inductor's on-disk cache does not key on registered lowerings: a graph cached before would still call the op.
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        got, (code,) = run_and_get_code(torch.compile(both, backend="inductor", dynamic=False, fullgraph=True), x)
+        want = (norm(x).double() @ layer.weight.double().T, F.silu(x).double() @ layer.weight.double().T)
+    assert "efficient_llama" not in code
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
