@@ -84,6 +84,23 @@ def test_compiled_decode_with_column_blocks_is_token_identical_to_the_plain_path
     assert greedy(compiled, PROMPTS, False) == singles
 
 
+def test_compiled_step_uses_weights_changed_after_its_compilation():
+    """The CPU step is compiled with its weights frozen in as constants: they are the model's own tensors, so a
+    weight changed in place or replaced by a new tensor after compilation is what the next compiled call uses (its
+    greedy tokens are the plain path's on the changed model, and differ from the unchanged model's)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = fuse_projections(tiny_model(seed=5))
+    compiled = Llama(model, ToyTokenizer(), torch.device("cpu"), compile=True)
+    before = greedy(compiled, PROMPTS, True)
+    with torch.no_grad():
+        model.layers[0].feed_forward.w13.weight.mul_(-2)
+        model.layers[1].attention.wqkv.weight = torch.nn.Parameter(model.layers[1].attention.wqkv.weight.flip(0))
+    after = greedy(compiled, PROMPTS, True)
+    assert after == greedy(Llama(model, ToyTokenizer(), torch.device("cpu")), PROMPTS, True) and after != before
+
+
 def test_build_holds_long_rows_in_blocks_only_for_a_compiled_cpu_step(monkeypatch):
     """Llama.build splits a w2 longer than LONG_ROW (here lowered below the default model's 1536 columns) only when
     the decode step will be compiled: eager calls on blocks would sum several rounded products instead of one."""
@@ -120,7 +137,7 @@ def test_compile_mode_reaches_torch_compile_and_a_wrong_one_stops_before_loading
     seen = {}
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.update(kw) or fn)
     Llama(tiny_model(), ToyTokenizer(), torch.device("cpu"), compile=True, compile_mode="max-autotune-no-cudagraphs")
-    options = dict(max_autotune=True, coordinate_descent_tuning=True, cpp_wrapper=True)
+    options = dict(max_autotune=True, coordinate_descent_tuning=True, cpp_wrapper=True, freezing=True)
     assert seen == dict(fullgraph=True, dynamic=False, options=options)
     seen.clear()
     Llama(tiny_model(), ToyTokenizer(), torch.device("meta"), compile=True, compile_mode="max-autotune-no-cudagraphs")
