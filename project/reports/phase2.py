@@ -434,7 +434,10 @@ def decode_section(folder: Path, reports_dir: Path, command: str) -> str:
         "times the candidate kernels of every matmul and keeps the fastest; `--compile_mode`). Runs from commit "
         "cae8667 on hold, in compiled CPU configurations, a `w2` whose rows are longer than 4096 columns (the 1B "
         "shape's 8192) as contiguous blocks of 2048 (`llama.model.ColumnBlocks`), which the compiled single-row "
-        "products stream faster; earlier runs multiplied the whole `w2`.",
+        "products stream faster; earlier runs multiplied the whole `w2`. Runs from commit e8f884d on compile the CPU "
+        "step with its weights frozen in as constants (inductor's `freezing`; before, they were ~245 inputs handed "
+        "over at every call) and compute each single row's materialized input inside the compiled code "
+        "(`llama.model.lower_materialize`; before, a call to a Python kernel per product).",
         "",
         f"Weight formats as this run loaded them: {formats(frame)}.",
         "",
