@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .matmul import linear
 
@@ -279,6 +280,24 @@ def attend_by_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opti
     return (p.unsqueeze(-1) * v.unsqueeze(-3).float()).sum(-2).to(q.dtype)
 
 
+SHORT_SEQUENCE = 128  # on CPU, attention over at most this many queries takes SDPA's math backend (attend)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Grouped-query SDPA: q (B, H, T, d), k and v (B, K, S, d), mask None (plain causal, queries from position 0)
+    or bool (B, 1, T, S) -> (B, H, T, d).
+
+    On CPU, for up to SHORT_SEQUENCE queries, through SDPA's math backend (matmuls and a softmax) rather than its
+    flash kernel, whose backward is slow on short sequences: a 1B-shape layer's attention, forward and backward
+    under bf16 autocast, took 5.5 ms flash and 2.4 ms math at 76 tokens, but 54 and 105 ms at 512, where the flash
+    kernel stays (and holds no T x T probabilities for backward). An amp+lora micro-batch of 76 tokens: ~5 % less
+    time (1.29-1.30 s against 1.34-1.47 s, two pairs of runs, AMD EPYC, 2 threads)."""
+    if q.device.type == "cpu" and q.shape[-2] <= SHORT_SEQUENCE:
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+
+
 class Attention(nn.Module):
     """Grouped-query attention: H query heads share K key/value heads (H // K queries per group)."""
 
@@ -321,7 +340,7 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return self.wo(out.reshape(B, 1, -1))
         # Without a mask the queries start at position 0: plain causal.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        out = attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

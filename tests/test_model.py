@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llama.checkpoint import interleaved_to_rotate_half, load_checkpoint, save_hf
 from llama.matmul import linear
 from llama.model import (
+    SHORT_SEQUENCE,
     ColumnBlocks,
     KVCache,
     Linear,
@@ -20,6 +21,7 @@ from llama.model import (
     RMSNorm,
     RopeScaling,
     apply_rope,
+    attend,
     attend_by_sums,
     fuse_projections,
     lower_materialize,
@@ -405,6 +407,32 @@ def test_linear_single_row_path_under_compile(dtype):
     assert torch.equal(torch.ops.efficient_llama.materialize(x), x)
     assert any("linear" in t for t in several)
     torch.testing.assert_close(layer(x), linear(x, layer.weight), atol=0, rtol=0)  # eager: llama.matmul's
+
+
+@pytest.mark.parametrize("T", [20, SHORT_SEQUENCE + 8])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attend_is_grouped_causal_attention_with_its_gradients(T, masked):
+    """attend (SDPA's math backend up to SHORT_SEQUENCE queries on CPU, its flash kernel above) against softmax
+    attention worked in fp64 with each key head repeated for its query heads: outputs and the gradients of q, k, v
+    (fp32, within 1e-4), for plain causal attention and under a padding mask."""
+    torch.manual_seed(0)
+    B, H, K, d = 2, 4, 2, 16
+    q, k, v = (torch.randn(B, n, T, d, requires_grad=True) for n in (H, K, K))
+    allowed = torch.ones(T, T).tril().bool().expand(B, 1, T, T).clone()
+    if masked:
+        allowed[1, :, :, :3] = False  # row 1 left-padded by 3 keys
+        allowed[1, :, :3, :] = torch.eye(3, T, dtype=torch.bool)  # each padding query sees itself only
+    out = attend(q, k, v, allowed if masked else None)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    scores = qd @ kd.repeat_interleave(H // K, 1).transpose(-1, -2) / math.sqrt(d)
+    ref = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vd.repeat_interleave(H // K, 1)
+    want = torch.autograd.grad(ref, (qd, kd, vd), grad.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
 
 
 def test_inductor_computes_materialized_rows_itself():
