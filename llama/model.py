@@ -9,6 +9,7 @@ loader converts q/k rows from HF's rotate-half layout (see `llama/checkpoint.py`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, fields
@@ -292,10 +293,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     under bf16 autocast, took 5.5 ms flash and 2.4 ms math at 76 tokens, but 54 and 105 ms at 512, where the flash
     kernel stays (and holds no T x T probabilities for backward). An amp+lora micro-batch of 76 tokens: ~5 % less
     time (1.29-1.30 s against 1.34-1.47 s, two pairs of runs, AMD EPYC, 2 threads)."""
-    if q.device.type == "cpu" and q.shape[-2] <= SHORT_SEQUENCE:
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    short = q.device.type == "cpu" and q.shape[-2] <= SHORT_SEQUENCE
+    with sdpa_kernel(SDPBackend.MATH) if short else contextlib.nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
 
 class Attention(nn.Module):
