@@ -70,7 +70,13 @@ from project.allocator import release_free_memory
 
 MODES = ("none", "int8", "int4", "w8a8")
 OUTPUT_MODES = ("auto", *MODES)
-PACKED_MAX_ROWS = 32  # above this many rows (a prefill), dequantize and use the matmul of the activations' dtype
+# Above this many rows (a prefill) a packed CPU kernel gives way to dequantizing and the matmul of the activations'
+# dtype. The packed kernels' time grows by about one matrix-vector product per row, while dequantizing costs once:
+# on the 1B shape's 16384 x 2048 layer (bf16, AMD EPYC with AVX-512 BF16, 2 threads) int4 took 26.4 ms packed
+# against 31.4 dequantized at 64 rows, 39.9 against 38.0 at 96, and every SmolLM2 and 1B layer shape crossed over
+# between 80 and 100 rows (packed 0.69-0.87x the time at 64); int8's kernel crosses earlier (at 32 rows 22.8 ms
+# packed against 13.9 on that layer, a tie on SmolLM2's shapes).
+PACKED_MAX_ROWS = {"int8": 32, "int4": 64}
 GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -195,10 +201,10 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     return buf[:n].view(shape)
 
 
-def dequantize_rows(x: torch.Tensor) -> bool:
-    """x (M, K) for a packed CPU kernel: True where dequantizing the weight and running the matmul of x's dtype is
-    faster (more than PACKED_MAX_ROWS rows, and a dtype the CPU multiplies natively)."""
-    return x.shape[0] > PACKED_MAX_ROWS and native_matmul(x.device, x.dtype)
+def dequantize_rows(x: torch.Tensor, mode: str) -> bool:
+    """x (M, K) for mode's packed CPU kernel: True where dequantizing the weight and running the matmul of x's dtype
+    is faster (more than PACKED_MAX_ROWS[mode] rows, and a dtype the CPU multiplies natively)."""
+    return x.shape[0] > PACKED_MAX_ROWS[mode] and native_matmul(x.device, x.dtype)
 
 
 native_matmul = functools.lru_cache(has_native_matmul)  # asked once per device and dtype, not once per layer call
@@ -254,7 +260,7 @@ class Int8Linear(nn.Module):
             # As llama.model.Linear's single row, over the int8 levels (the default model's compiled batch-1 step
             # ~16 -> ~11 ms against the packed kernel; README).
             return (row_product(x, self.q) * self.scales.float()).to(x.dtype)
-        if self.kernel == "dequantize" or dequantize_rows(x2):
+        if self.kernel == "dequantize" or dequantize_rows(x2, "int8"):
             if x2.shape[0] >= self.in_features or x.dtype == torch.float16:
                 return linear(x, dequantized(self, x.dtype, x.device))
             # Fewer rows than columns (a prefill of a short prompt): the scale of each output channel is applied to
@@ -343,7 +349,7 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(
                 x2.to(torch.bfloat16).contiguous(), self.q, self.group_size, self.scales_zeros
             )
-        elif self.kernel == "dequantize" or dequantize_rows(x2):
+        elif self.kernel == "dequantize" or dequantize_rows(x2, "int4"):
             return linear(x, dequantized(self, x.dtype, x.device))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # which takes contiguous rows only

@@ -169,12 +169,12 @@ def test_kernel_choice_off_cpu_needs_no_gpu_to_decide_the_fallbacks():
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_prefill_of_fp32_activations_uses_the_fp32_matmul(mode):
-    """Above PACKED_MAX_ROWS rows of fp32 activations a packed layer computes x @ dequantized W^T in fp32 (int8
+    """Above PACKED_MAX_ROWS[mode] rows of fp32 activations a packed layer computes x @ dequantized W^T in fp32 (int8
     with fewer rows than columns: the levels, then the scales on the products), and agrees with the packed kernel's
     own result on fewer rows."""
     base = linear(n_out=128, n_in=64)
     layer = Int8Linear(base, kernel_for(CPU, mode)) if mode == "int8" else Int4Linear(base, 32, kernel_for(CPU, mode))
-    x = torch.randn(PACKED_MAX_ROWS + 1, 64)
+    x = torch.randn(PACKED_MAX_ROWS[mode] + 1, 64)
     if mode == "int8":
         weight = layer.q.float() * layer.scales.float()[:, None]
     else:  # scale * (level - 8) + zero, group by group, from the stored levels and (K/G, N, 2) scales and zeros
@@ -184,6 +184,13 @@ def test_prefill_of_fp32_activations_uses_the_fp32_matmul(mode):
     torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-5, atol=1e-5)
     few = layer(x[:4])
     torch.testing.assert_close(few, x[:4] @ weight.T, rtol=2e-2, atol=2e-2 * few.abs().max().item())
+    if layer.kernel == "packed":  # up to the threshold itself the kernel, on bf16 activations, is what runs
+        most = x[:-1].bfloat16()
+        if mode == "int8":
+            packed = torch._weight_int8pack_mm(most, layer.q, layer.scales)
+        else:
+            packed = torch.ops.aten._weight_int4pack_mm_for_cpu(most, layer.q, 32, layer.scales_zeros)
+        torch.testing.assert_close(layer(x[:-1]), packed.float(), rtol=0, atol=0)
 
 
 def test_fp16_int8_rows_multiply_the_dequantized_weight():
@@ -213,7 +220,7 @@ def test_prefill_of_bf16_activations_dequantizes_only_where_bf16_is_native(monke
     layer = Int8Linear(linear(n_out=128, n_in=64).to(torch.bfloat16), kernel_for(CPU, "int8"))
     levels, scales = layer.q.to(torch.bfloat16), layer.scales
     weight = (layer.q.float() * scales.float()[:, None]).to(torch.bfloat16)
-    for rows in (PACKED_MAX_ROWS + 1, 64):
+    for rows in (PACKED_MAX_ROWS["int8"] + 1, 64):
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
         packed = torch._weight_int8pack_mm(x, layer.q, scales)
         if not native:
