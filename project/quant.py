@@ -71,11 +71,11 @@ from project.allocator import release_free_memory
 MODES = ("none", "int8", "int4", "w8a8")
 OUTPUT_MODES = ("auto", *MODES)
 # Above this many rows (a prefill) a packed CPU kernel gives way to dequantizing and the matmul of the activations'
-# dtype. The packed kernels' time grows by about one matrix-vector product per row, while dequantizing costs once:
-# on the 1B shape's 16384 x 2048 layer (bf16, AMD EPYC with AVX-512 BF16, 2 threads) int4 took 26.4 ms packed
-# against 31.4 dequantized at 64 rows, 39.9 against 38.0 at 96, and every SmolLM2 and 1B layer shape crossed over
-# between 80 and 100 rows (packed 0.69-0.87x the time at 64); int8's kernel crosses earlier (at 32 rows 22.8 ms
-# packed against 13.9 on that layer, a tie on SmolLM2's shapes).
+# dtype: the packed kernels' time grows with every row, while dequantizing costs once. On the 1B shape's 16384 x 2048
+# layer (bf16, AMD EPYC with AVX-512 BF16, 2 threads) int4 took 0.92 ms for 1 row and ~0.42 more a row (26.4 ms at
+# 64 rows against 31.4 dequantized, 39.9 against 38.0 at 96), and every SmolLM2 and 1B layer shape crossed over
+# between 80 and 100 rows (packed 0.69-0.87x the time at 64); int8's kernel took 1.77 ms and ~0.68 more a row and
+# crosses earlier (at 32 rows 22.8 ms packed against 13.9 on that layer, a tie on SmolLM2's shapes).
 PACKED_MAX_ROWS = {"int8": 32, "int4": 64}
 GROUP_SIZES = (32, 64, 128, 256)
 
