@@ -25,9 +25,10 @@ Kernels (`kernel_for` chooses; `quantize` says which in its description):
   which stores the zero point as m + 8 s, i.e. w ~ s (q - 8) + z). Their fp32 paths are reference loops (over 10x
   slower than the fp32 model itself on an AVX-512 CPU, measured), so an fp32 model's activations enter them in bf16
   and leave in fp32 again ("bf16 activations" in the description). That suits decoding (a few rows: reading the
-  weights is the cost); for a layer fed more than PACKED_MAX_ROWS rows (a prefill) the weight is dequantized
-  into the activations' dtype (int8 with fewer rows than columns: only converted, its scales applied to the
-  products) and the plain matmul runs instead, because there the cost is arithmetic: always
+  weights is the cost); for a layer fed more rows than PACKED_MAX_ROWS gives its format (a prefill: 32 with int8, 64
+  with int4) the weight is dequantized into the activations' dtype (int8 with fewer rows than columns: only
+  converted, its scales applied to the products) and the plain matmul runs instead, because there the cost is
+  arithmetic: always
   for fp32, and for bf16 where the CPU multiplies bf16 natively (AVX-512 BF16 / AMX; a 1B-shape bf16 prefill of
   256 tokens on an AMD EPYC with AVX-512 BF16: 4.6 s with int8 through the packed kernel, 1.4 s unquantized).
   Without native bf16 a bf16 model's prefill stays on the packed kernels, since there bf16 matmuls are emulated.
