@@ -28,9 +28,9 @@ Kernels (`kernel_for` chooses; `quantize` says which in its description):
   weights is the cost); for a layer fed more rows than PACKED_MAX_ROWS gives its format (a prefill: 32 with int8, 64
   with int4) the weight is dequantized into the activations' dtype (int8 with fewer rows than columns: only
   converted, its scales applied to the products) and the plain matmul runs instead, because there the cost is
-  arithmetic: always
-  for fp32, and for bf16 where the CPU multiplies bf16 natively (AVX-512 BF16 / AMX; a 1B-shape bf16 prefill of
-  256 tokens on an AMD EPYC with AVX-512 BF16: 4.6 s with int8 through the packed kernel, 1.4 s unquantized).
+  arithmetic: always for fp32, and for bf16 where the CPU multiplies bf16 natively (AVX-512 BF16 / AMX; a 1B-shape
+  bf16 prefill of 256 tokens on an AMD EPYC with AVX-512 BF16: 4.6 s with int8 through the packed kernel, 1.4 s
+  unquantized).
   Without native bf16 a bf16 model's prefill stays on the packed kernels, since there bf16 matmuls are emulated.
 - "tinygemm", int4 on CUDA GPUs of compute capability 8.0 or later: `aten._weight_int4pack_mm`, the tensor-core
   kernel gpt-fast uses (bf16 activations, the same [scale, zero] pairs), on weights packed once by
