@@ -426,11 +426,13 @@ class Transformer(nn.Module):
         pad_lens: Optional[torch.Tensor] = None,
         last_only: bool = False,
         hidden: bool = False,
+        embeddings: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """tokens (B, T) at positions [start_pos, start_pos+T) -> logits (B, T, V), or (B, 1, V) if last_only.
 
         hidden: return the final-normed hidden states (B, T, D) instead, for a loss that applies the output
         projection itself, only where there are labels (project/loss.py).
+        embeddings (B, T, D): the tokens' embeddings, looked up by the caller (project/loss.py's tied lookup).
 
         pad_lens (B,) counts left-padding tokens per row (batched generation of unequal prompts):
         a row's positions start after its padding, and no query attends to a padding key.
@@ -458,7 +460,7 @@ class Transformer(nn.Module):
             pos = pos[None, :].expand(B, T)
         cos, sin = self.rotary(pos)
 
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if embeddings is None else embeddings
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, mask)
         if last_only:

@@ -20,6 +20,7 @@ plain PyTorch.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from llama.matmul import linear
 
@@ -85,6 +86,32 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_h[s : s + ctx.rows] = linear(g, weight.t())
                 grad_w.addmm_(g.T, h[s : s + ctx.rows])
         return grad_h, grad_w, None, None
+
+
+class TiedLookup(torch.autograd.Function):
+    """Both uses of a tied weight W (V, D) as one autograd node: the embedding lookup W[tokens] (B, T, D) and W
+    itself, for the output projection. Backward gets both gradients at once and adds the lookup's B x T rows into
+    the projection's dense (V, D) gradient in place.
+
+    Left to autograd, the two are summed at W: the lookup's gradient is a dense (V, D) tensor (a sparse one would be
+    added out of place), so a second V x D buffer is alive at the end of backward, when every other gradient is
+    held already: the peak of full fine-tuning, 0.98 GiB of fp32 on the 1B shape.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(tokens)
+        ctx.weight_shape = weight.shape
+        return F.embedding(tokens, weight), weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_embeddings: torch.Tensor, grad_weight: torch.Tensor):
+        (tokens,) = ctx.saved_tensors
+        if grad_weight is None:  # the output projection was not used
+            grad_weight = grad_embeddings.new_zeros(ctx.weight_shape)
+        # In place: this gradient is the loss's own fresh buffer, handed to no other node.
+        rows = grad_embeddings.reshape(-1, grad_embeddings.shape[-1]).to(grad_weight.dtype)
+        return grad_weight.index_add_(0, tokens.flatten(), rows), None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from .distributed import (
     save_state,
     unwrapped,
 )
-from .loss import linear_cross_entropy
+from .loss import TiedLookup, linear_cross_entropy
 from .memory import memory_in_use, storage_bytes
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -105,12 +105,18 @@ def loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) ->
     """Summed next-token cross-entropy: position t (B, T-1) predicts the label at t+1; -100 labels skipped.
 
     Only positions with a label go through the output projection (project/loss.py): the prompt's logits
-    are never computed.
+    are never computed. A trained weight tied between the embeddings and the output projection (Llama 3.2's)
+    gets both of its gradients through one node (TiedLookup), so that they are summed in place.
     """
-    h = model(input_ids, hidden=True)[:, :-1]  # (B, T-1, D)
+    weight = model.output.weight
+    if weight is model.tok_embeddings.weight and weight.requires_grad and torch.is_grad_enabled():
+        embeddings, weight = TiedLookup.apply(weight, input_ids)
+        h = model(input_ids, hidden=True, embeddings=embeddings)
+    else:
+        h = model(input_ids, hidden=True)
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    return linear_cross_entropy(h[keep], model.output.weight, targets[keep])
+    return linear_cross_entropy(h[:, :-1][keep], weight, targets[keep])  # h (B, T-1, D): t predicts t+1
 
 
 class NextTokenLoss(nn.Module):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from tiny_finetune import write_records, write_tiny_checkpoint
+from tiny_finetune import tiny_model, write_records, write_tiny_checkpoint
 
 from llama.checkpoint import REPO_ROOT, load_checkpoint
 from llama.errors import UserError
@@ -27,7 +27,10 @@ SETTINGS += ["--sample_max_gen_len", "2", "--precision", "fp32", "--save_every",
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    return write_tiny_checkpoint(root / "ckpt"), write_records(root / "records.json"), root
+    # Tied embeddings, as Llama 3.2's: full fine-tuning then takes both of their gradients through one node
+    # (project/loss.py, TiedLookup), which DDP's and FSDP's gradient hooks must see complete.
+    model = tiny_model(tie_word_embeddings=True)
+    return write_tiny_checkpoint(root / "ckpt", model=model), write_records(root / "records.json"), root
 
 
 def finetune(tiny, name, *flags, nproc=1):

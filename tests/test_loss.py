@@ -7,7 +7,7 @@ from tiny_finetune import RECORDS, byte_tokenizer, grads, tiny_model
 
 from project import loss as loss_module
 from project.data import IGNORE_INDEX, build_dataset, collate
-from project.loss import LinearCrossEntropy, linear_cross_entropy
+from project.loss import LinearCrossEntropy, TiedLookup, linear_cross_entropy
 from project.model.lora import LoRAConfig, apply_lora
 from project.train import loss_sum
 
@@ -89,3 +89,54 @@ def test_no_labels_gives_zero_loss_and_zero_gradient():
     loss = linear_cross_entropy(h, torch.randn(30, 8), torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0.0 and h.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("projection_used", [True, False])
+def test_tied_lookup_gives_the_weight_both_gradients(projection_used):
+    """TiedLookup's weight gradient = autograd's for W used twice (lookup with repeated tokens + projection), fp64."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.tensor([[3, 7, 3], [0, 3, 29]])  # token 3 three times: its rows must add up
+    up = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)  # an incoming gradient for the embeddings
+
+    def loss(embeddings, weight):
+        out = (embeddings * up).sum()
+        return out + (embeddings[0] @ weight.T).square().sum() if projection_used else out
+
+    loss(*TiedLookup.apply(w, tokens)).backward()
+    ours, w.grad = w.grad, None
+    loss(F.embedding(tokens, w), w).backward()
+    torch.testing.assert_close(ours, w.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_tied_weight_gets_its_gradient_in_the_losss_own_buffer():
+    """Full fine-tuning of a tied model: backward allocates one vocabulary x dim buffer, the loss's, and it becomes
+    the weight's gradient (autograd's own sum would allocate a second one for the lookup's gradient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny_model(tie_word_embeddings=True)
+    weight = model.tok_embeddings.weight
+    ids, labels = batch()
+    big = {}
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor) and o.numel() == weight.numel():  # V x D, in any layout
+                    big[o.untyped_storage().data_ptr()] = func
+            return out
+
+    loss = loss_sum(model, ids, labels)
+    with Allocations():
+        loss.backward()
+    big.pop(weight.untyped_storage().data_ptr(), None)  # views of the weight itself
+    assert list(big) == [weight.grad.untyped_storage().data_ptr()], big
+    model.zero_grad(set_to_none=True)
+    h, targets = model(ids, hidden=True)[:, :-1], labels[:, 1:]  # the same loss with autograd summing at W
+    ref = linear_cross_entropy(h[targets != IGNORE_INDEX], weight, targets[targets != IGNORE_INDEX])
+    big.clear()
+    with Allocations():
+        ref.backward()
+    big.pop(weight.untyped_storage().data_ptr(), None)
+    assert len(big) >= 2  # the check can fail: autograd's own sum holds the lookup's dense gradient too
