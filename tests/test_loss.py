@@ -109,7 +109,7 @@ def test_tied_lookup_gives_the_weight_both_gradients(projection_used):
     torch.testing.assert_close(ours, w.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_a_tied_weight_gets_its_gradient_in_the_losss_own_buffer():
+def test_a_tied_weight_gets_its_gradient_in_the_loss_buffer():
     """Full fine-tuning of a tied model: backward allocates one vocabulary x dim buffer, the loss's, and it becomes
     the weight's gradient (autograd's own sum would allocate a second one for the lookup's gradient)."""
     from torch.utils._python_dispatch import TorchDispatchMode
