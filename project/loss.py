@@ -109,7 +109,8 @@ class TiedLookup(torch.autograd.Function):
         (tokens,) = ctx.saved_tensors
         if grad_weight is None:  # the output projection was not used
             grad_weight = grad_embeddings.new_zeros(ctx.weight_shape)
-        # In place: this gradient is the loss's own fresh buffer, handed to no other node.
+        # In place: the returned W goes to linear_cross_entropy only (loss_sum), whose gradient for it is a fresh
+        # buffer that no other node holds. An op handing one gradient tensor to two inputs would not be safe here.
         rows = grad_embeddings.reshape(-1, grad_embeddings.shape[-1]).to(grad_weight.dtype)
         return grad_weight.index_add_(0, tokens.flatten(), rows), None
 
